@@ -1,0 +1,262 @@
+"""Configurations of the BLIP-2 vision encoder, Q-Former and composite model.
+
+The classes carry `model_type`s of this package so that they never collide with transformers' built-in BLIP-2, but
+they read the official Salesforce `config.json` files (`model_type: "blip-2"` and its sub-configs) unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+VISION_ARCHITECTURES = ("eva", "clip")
+# Width of EVA ViT-g, the encoder of every official checkpoint: the cross-attention width of a stand-alone Q-Former
+# whose config does not say otherwise (the stock default, which stock configs therefore never write out).
+DEFAULT_ENCODER_HIDDEN_SIZE = 1408
+
+
+class _ReadsOfficialConfigs:
+    """Maps the `model_type` of the transformers-layout checkpoint onto ours while a config dict is read."""
+
+    official_model_type: ClassVar[str] = ""
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return cls._normalise_official(config_dict), kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PreTrainedConfig:
+        return super().from_dict(cls._normalise_official(dict(config_dict)), **kwargs)
+
+    @classmethod
+    def _normalise_official(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
+        if config_dict.get("model_type") == cls.official_model_type:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict
+
+
+class Blip2VisionConfig(_ReadsOfficialConfigs, PreTrainedConfig):
+    """Configuration of the frozen image encoder.
+
+    Defaults describe EVA ViT-g/14 with its last layer removed (39 of 40 layers, the paper's "penultimate layer"
+    features), as in every official checkpoint.
+
+    Args:
+        hidden_size: Width of the encoder.
+        intermediate_size: Width of the feed-forward layers.
+        num_hidden_layers: Number of transformer blocks.
+        num_attention_heads: Attention heads per block.
+        num_channels: Channels of the input images.
+        image_size: Side of the (square) input images in pixels.
+        patch_size: Side of the (square) patches in pixels.
+        hidden_act: Activation of the feed-forward layers (`"gelu"` for EVA, `"quick_gelu"` for CLIP).
+        layer_norm_eps: Epsilon of the LayerNorms inside the blocks.
+        post_layernorm_eps: Epsilon of the LayerNorm after the encoder (LAVIS `ln_vision`). `None` uses
+            `layer_norm_eps`, which reproduces the stock transformers model; LAVIS itself uses 1e-5 there.
+        attention_dropout: Dropout on the attention probabilities.
+        initializer_range: Standard deviation of the weight initialisation. The stock default (1e-10) makes a
+            freshly initialised encoder output almost nothing, so ours is 0.02.
+        qkv_bias: Whether the fused qkv projection has a bias.
+        vision_architecture: `"eva"` (EVA ViT-g: post-LN-free pre-norm blocks, no key bias, biased patch
+            embedding) or `"clip"` (OpenAI CLIP ViT-L: a LayerNorm before the blocks, full qkv bias, patch
+            embedding without bias).
+    """
+
+    model_type = "modeling_blip2_vision_model"
+    official_model_type = "blip_2_vision_model"
+    base_config_key = "vision_config"
+
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    post_layernorm_eps: float | None = None
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    qkv_bias: bool = True
+    vision_architecture: str = "eva"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self.image_size = _square_side("image_size", self.image_size)
+        self.patch_size = _square_side("patch_size", self.patch_size)
+        if self.vision_architecture not in VISION_ARCHITECTURES:
+            raise ValueError(
+                f"vision_architecture must be one of {VISION_ARCHITECTURES}, got {self.vision_architecture!r}"
+            )
+        _check_divisible("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+
+    @property
+    def resolved_post_layernorm_eps(self) -> float:
+        """Epsilon of the post-encoder LayerNorm after applying the `None` default."""
+        return self.layer_norm_eps if self.post_layernorm_eps is None else self.post_layernorm_eps
+
+    @property
+    def num_patches(self) -> int:
+        """Number of patch tokens at the configured image size."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+class Blip2QFormerConfig(_ReadsOfficialConfigs, PreTrainedConfig):
+    """Configuration of the Querying Transformer, a BERT-style encoder whose queries cross-attend to the image.
+
+    Args:
+        vocab_size: Size of the Q-Former's text vocabulary (30522 for BERT, 30523 with `[DEC]`).
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: BERT dimensions.
+        hidden_act: Activation of the feed-forward layers.
+        hidden_dropout_prob: Dropout after embeddings and residual branches.
+        attention_probs_dropout_prob: Dropout on attention probabilities.
+        max_position_embeddings: Longest text the Q-Former's position embeddings cover.
+        initializer_range: Standard deviation of the weight initialisation.
+        layer_norm_eps: Epsilon of every Q-Former LayerNorm.
+        pad_token_id: Padding id of the Q-Former tokenizer.
+        cross_attention_frequency: Layers `i` with `i % cross_attention_frequency == 0` cross-attend to the image.
+        encoder_hidden_size: Width of the image features. `None` means "the vision width" inside a composite
+            config and 1408 (EVA ViT-g) for a stand-alone Q-Former.
+        use_qformer_text_input: Whether the layers have the text feed-forward path (needed for stage-1 training,
+            retrieval and question-conditioned queries).
+    """
+
+    model_type = "modeling_blip2_qformer"
+    official_model_type = "blip_2_qformer"
+    base_config_key = "qformer_config"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    cross_attention_frequency: int = 2
+    encoder_hidden_size: int | None = None
+    use_qformer_text_input: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        # Stock configs carry a `position_embedding_type` that only ever held "absolute".
+        kwargs.pop("position_embedding_type", None)
+        super().__post_init__(**kwargs)
+        _check_divisible("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
+        if self.cross_attention_frequency < 1:
+            raise ValueError(f"cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
+
+    @property
+    def resolved_encoder_hidden_size(self) -> int:
+        """Width of the image features the cross-attention layers read."""
+        return DEFAULT_ENCODER_HIDDEN_SIZE if self.encoder_hidden_size is None else self.encoder_hidden_size
+
+    def has_cross_attention(self, layer_index: int) -> bool:
+        """Whether layer `layer_index` cross-attends to the image features."""
+        return layer_index % self.cross_attention_frequency == 0
+
+
+class Blip2Config(_ReadsOfficialConfigs, PreTrainedConfig):
+    """Configuration of a BLIP-2 model: vision encoder, Q-Former, query tokens and (optionally used) LLM.
+
+    Args:
+        vision_config: A `Blip2VisionConfig` or its dict.
+        qformer_config: A `Blip2QFormerConfig` or its dict. Its `encoder_hidden_size` is filled in from the vision
+            width when unset; a value that disagrees with the vision width is an error.
+        text_config: Config (or dict with a `model_type`) of the LLM, resolved through `AutoConfig`
+            (OPT, Llama-family, T5 ...). Defaults to OPT.
+        num_query_tokens: Number of learned queries (32 in the paper).
+        image_text_hidden_size: Width of the contrastive embedding space (256).
+        image_token_index: Id of the `<image>` placeholder token in the LLM vocabulary, if the tokenizer has one.
+        initializer_factor: Kept for compatibility with stock configs.
+        initializer_range: Standard deviation for the weights owned by the composite model (projection, heads).
+    """
+
+    model_type = "modeling_blip2"
+    official_model_type = "blip-2"
+    attribute_map: ClassVar[dict[str, str]] = {"image_token_id": "image_token_index"}
+    sub_configs_defaults: ClassVar[dict[str, Any]] = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="opt"),
+        "vision_config": Blip2VisionConfig,
+        "qformer_config": Blip2QFormerConfig,
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    num_query_tokens: int = 32
+    image_text_hidden_size: int = 256
+    image_token_index: int | None = None
+    initializer_factor: float = 1.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        # Derived from the LLM below; stock configs store them.
+        kwargs.pop("use_decoder_only_language_model", None)
+        self.vision_config = _without_model_type(self.vision_config, Blip2VisionConfig)
+        self.qformer_config = _without_model_type(self.qformer_config, Blip2QFormerConfig)
+        super().__post_init__(**kwargs)
+        vision_width = self.vision_config.hidden_size
+        if self.qformer_config.encoder_hidden_size is None:
+            self.qformer_config.encoder_hidden_size = vision_width
+        elif self.qformer_config.encoder_hidden_size != vision_width:
+            raise ValueError(
+                f"qformer_config.encoder_hidden_size ({self.qformer_config.encoder_hidden_size}) must equal the "
+                f"vision width vision_config.hidden_size ({vision_width}): the Q-Former cross-attends to them"
+            )
+        if self.num_query_tokens < 1:
+            raise ValueError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
+        self.is_encoder_decoder = bool(self.text_config.is_encoder_decoder)
+
+    @property
+    def use_decoder_only_language_model(self) -> bool:
+        """True for decoder-only LLMs (OPT, Llama ...), False for encoder-decoder LLMs (T5)."""
+        return not self.text_config.is_encoder_decoder
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        # Written for tools that read the stock layout (e.g. serving engines).
+        output["use_decoder_only_language_model"] = self.use_decoder_only_language_model
+        return output
+
+
+def _without_model_type(sub_config: Any, config_class: type[PreTrainedConfig]) -> Any:
+    """Drops the stock or our own `model_type` from a sub-config dict; refuses another model type."""
+    if isinstance(sub_config, dict) and sub_config.get("model_type") in (
+        config_class.model_type,
+        config_class.official_model_type,
+    ):
+        sub_config = {key: value for key, value in sub_config.items() if key != "model_type"}
+    elif isinstance(sub_config, dict) and "model_type" in sub_config:
+        raise ValueError(
+            f"expected a {config_class.__name__} dict (model_type {config_class.model_type!r} or "
+            f"{config_class.official_model_type!r}), got model_type {sub_config['model_type']!r}"
+        )
+    elif isinstance(sub_config, PreTrainedConfig) and not isinstance(sub_config, config_class):
+        # Accept a stock or foreign config object by value, so long as it has the fields we know.
+        sub_config = _without_model_type(sub_config.to_dict(), config_class)
+        known = set(config_class.__dataclass_fields__)
+        sub_config = {key: value for key, value in sub_config.items() if key in known}
+    return sub_config
+
+
+def _square_side(name: str, value: Any) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name} must be an int or a square [side, side] pair, got {value!r}")
+        value = value[0]
+    return int(value)
+
+
+def _check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> None:
+    if divisor < 1 or value % divisor:
+        raise ValueError(f"{name} ({value}) must be a multiple of {divisor_name} ({divisor})")

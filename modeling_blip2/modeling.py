@@ -1,0 +1,774 @@
+"""PreTrainedModel classes of BLIP-2: vision model, Q-Former model, and the models bridging them to a frozen LLM.
+
+State-dict keys follow the transformers layout of the official Salesforce checkpoints, so those load unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.generation.utils import GenerateOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    BaseModelOutputWithPoolingAndCrossAttentions,
+)
+from transformers.utils import ModelOutput
+
+from .attention import boolean_to_additive_mask, padding_to_additive_mask
+from .configuration import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from .qformer import ATTENTION_TYPES, Blip2QFormerEncoder, build_qformer_attention_mask
+from .vision import Blip2VisionEmbeddings, Blip2VisionEncoder
+
+IGNORE_INDEX = -100
+# Modules trained in fp32 while the frozen encoder and LLM run in fp16/bf16 (the paper's precision recipe).
+FP32_MODULES = ["query_tokens", "qformer", "language_projection", "vision_model.post_layernorm"]
+
+
+@dataclass
+class Blip2ImageEncodingOutput(ModelOutput):
+    """Images encoded for the LLM.
+
+    Args:
+        image_embeds: `(batch, 1 + num_patches, vision_hidden)` post-LayerNorm image features.
+        query_output: `(batch, num_query_tokens, qformer_hidden)` Q-Former outputs of the queries.
+        language_model_inputs: `(batch, num_query_tokens, llm_hidden)` soft visual prompts (projected queries).
+        vision_outputs: The full vision model output.
+        qformer_outputs: The full Q-Former output.
+    """
+
+    image_embeds: torch.FloatTensor | None = None
+    query_output: torch.FloatTensor | None = None
+    language_model_inputs: torch.FloatTensor | None = None
+    vision_outputs: BaseModelOutputWithPooling | None = None
+    qformer_outputs: BaseModelOutputWithPoolingAndCrossAttentions | None = None
+
+
+@dataclass
+class Blip2ConditionalGenerationOutput(ModelOutput):
+    """Output of `Blip2Model` / `Blip2ForConditionalGeneration`.
+
+    Args:
+        loss: Scalar LM loss (decoder-only) or seq2seq loss (encoder-decoder) when `labels` are given.
+        logits: `(batch, sequence_length, vocab)`; for decoder-only LLMs the sequence includes the query positions.
+        vision_outputs: Vision model output (`last_hidden_state` `(batch, 1 + num_patches, vision_hidden)`).
+        qformer_outputs: Q-Former output (`last_hidden_state` `(batch, num_query_tokens, qformer_hidden)`).
+        language_model_outputs: The LLM's own output.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    vision_outputs: BaseModelOutputWithPooling | None = None
+    qformer_outputs: BaseModelOutputWithPoolingAndCrossAttentions | None = None
+    language_model_outputs: ModelOutput | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            value.to_tuple() if isinstance(value, ModelOutput) else value
+            for value in (
+                self.loss,
+                self.logits,
+                self.vision_outputs,
+                self.qformer_outputs,
+                self.language_model_outputs,
+            )
+            if value is not None
+        )
+
+
+@dataclass
+class _LanguageModelInputs:
+    """Prompt ids with exactly `num_query_tokens` image positions per row, and what goes with them."""
+
+    input_ids: torch.Tensor  # (B, L + Q) when queries were inserted, else (B, L)
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    image_positions: torch.Tensor  # (B, L'), bool
+    inserted: bool
+
+
+class Blip2PreTrainedModel(PreTrainedModel):
+    """Weight initialisation, capabilities, and the freezing / precision policy shared by every BLIP-2 model."""
+
+    config_class = Blip2Config
+    base_model_prefix = "blip2"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _no_split_modules = [
+        "Blip2VisionEmbeddings",
+        "Blip2VisionEncoderLayer",
+        "Blip2QFormerLayer",
+        "Blip2TextEmbeddings",
+    ]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Blip2VisionEmbeddings):
+            std = module.config.initializer_range
+            init.trunc_normal_(module.position_embedding, mean=0.0, std=std)
+            init.trunc_normal_(module.class_embedding, mean=0.0, std=std)
+        elif isinstance(getattr(module, "query_tokens", None), nn.Parameter):
+            # LAVIS draws the queries from N(0, 0.02); all-zero queries (the stock init) start out identical.
+            init.normal_(module.query_tokens, mean=0.0, std=0.02)
+
+    # -- frozen modules ------------------------------------------------------------------------------------------
+    @property
+    def frozen_module_names(self) -> tuple[str, ...]:
+        """Submodules frozen by `freeze_vision_encoder` / `freeze_language_model`; they stay in eval mode."""
+        return tuple(getattr(self, "_frozen_module_names", ()))
+
+    def freeze_modules(self, *names: str) -> None:
+        """Stops gradients to the named submodules and keeps them in eval mode (dropout off) from now on."""
+        frozen = dict.fromkeys(self.frozen_module_names)
+        for name in names:
+            module = self.get_submodule(name)
+            module.requires_grad_(False)
+            module.eval()
+            frozen[name] = None
+        self._frozen_module_names = tuple(frozen)
+
+    def unfreeze_modules(self, *names: str) -> None:
+        """Makes the named submodules trainable again and lets them follow `train()` / `eval()`."""
+        for name in names:
+            self.get_submodule(name).requires_grad_(True)
+        self._frozen_module_names = tuple(name for name in self.frozen_module_names if name not in names)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Blip2PreTrainedModel:
+        super().train(mode)
+        for name in self.frozen_module_names:
+            self.get_submodule(name).eval()
+        return self
+
+    def freeze_vision_encoder(self, train_post_layernorm: bool = True) -> None:
+        """Freezes the image encoder. Its post-encoder LayerNorm stays trainable by default, as in the paper."""
+        vision = self._vision_model()
+        prefix = "" if vision is self else "vision_model."
+        names = [prefix + name for name, _ in vision.named_children() if name != "post_layernorm"]
+        if not train_post_layernorm:
+            names.append(prefix + "post_layernorm")
+        self.freeze_modules(*names)
+
+    def _vision_model(self) -> Blip2VisionModel:
+        vision = self if isinstance(self, Blip2VisionModel) else getattr(self, "vision_model", None)
+        if vision is None:
+            raise AttributeError(f"{type(self).__name__} has no vision encoder")
+        return vision
+
+
+class Blip2VisionModel(Blip2PreTrainedModel):
+    """The image encoder: patch embeddings, transformer blocks and the post-encoder LayerNorm (LAVIS `ln_vision`)."""
+
+    config_class = Blip2VisionConfig
+
+    def __init__(self, config: Blip2VisionConfig) -> None:
+        super().__init__(config)
+        self.embeddings = Blip2VisionEmbeddings(config)
+        if config.vision_architecture == "clip":
+            self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = Blip2VisionEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.resolved_post_layernorm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Encodes `(batch, channels, height, width)` images into `(batch, 1 + num_patches, hidden)` features.
+
+        `pooler_output` is the (post-LayerNorm) class token. Images of another size than `config.image_size` need
+        `interpolate_pos_encoding=True`.
+        """
+        self._check_pixel_values(pixel_values)
+        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if self.config.vision_architecture == "clip":
+            hidden_states = self.pre_layernorm(hidden_states)
+        hidden_states, all_hidden_states, all_attentions = self.encoder(
+            hidden_states, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
+        last_hidden_state = self.post_layernorm(hidden_states.to(self.post_layernorm.weight.dtype))
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=last_hidden_state[:, 0],
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+        return output if _wants_dict(return_dict, self.config) else output.to_tuple()
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> None:
+        if pixel_values is None:
+            raise ValueError("pixel_values are required: a (batch, channels, height, width) float tensor")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"pixel_values must be a 4-d tensor (batch, channels, height, width), got {shape}")
+        if pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must have {self.config.num_channels} channels, got shape {tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values holds no image (batch size 0)")
+
+
+class Blip2QFormerModel(Blip2PreTrainedModel):
+    """The Querying Transformer.
+
+    It reads embeddings prepared by its owner (query tokens, optionally followed by Q-Former text embeddings) and
+    lets the first `query_length` positions cross-attend to the image features.
+    """
+
+    config_class = Blip2QFormerConfig
+    main_input_name = "query_embeds"
+
+    def __init__(self, config: Blip2QFormerConfig) -> None:
+        super().__init__(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.encoder = Blip2QFormerEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> None:
+        # The Q-Former owns no token embeddings: the query tokens and text embeddings belong to the composite model.
+        return None
+
+    def forward(
+        self,
+        query_embeds: torch.Tensor,
+        query_length: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        attention_type: str = "bidirectional",
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple:
+        """Runs the Q-Former.
+
+        Args:
+            query_embeds: `(batch, T, hidden)`: the queries, optionally followed by text embeddings.
+            query_length: How many leading positions are queries (default: all of them).
+            attention_mask: `(batch, T)` padding mask, shaped into the mask of `attention_type`, or a ready
+                `(batch, T, T)` 1/0 mask.
+            encoder_hidden_states: `(batch, S, encoder_hidden_size)` image features (needed when queries are present).
+            encoder_attention_mask: `(batch, S)` mask over the image features (default: all ones).
+            attention_type: `"bidirectional"`, `"unimodal"` or `"multimodal_causal"` (see
+                `build_qformer_attention_mask`).
+        """
+        if query_embeds is None or query_embeds.dim() != 3:
+            shape = None if query_embeds is None else tuple(query_embeds.shape)
+            raise ValueError(f"query_embeds must be a (batch, length, hidden) tensor, got {shape}")
+        batch, length, _ = query_embeds.shape
+        query_length = length if query_length is None else query_length
+        if query_length < length and not self.config.use_qformer_text_input:
+            raise ValueError(
+                f"query_embeds carries {length - query_length} text positions but this Q-Former has no text "
+                "feed-forward (config.use_qformer_text_input=False)"
+            )
+        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        # The Q-Former keeps its own (fp32) dtype; inputs from fp16/bf16 parts are cast at the boundary.
+        dtype = self.layernorm.weight.dtype
+        hidden_states = self.dropout(self.layernorm(query_embeds.to(dtype)))
+        additive_mask = self._self_attention_mask(attention_mask, batch, length, query_length, attention_type, dtype)
+
+        encoder_additive_mask = None
+        if query_length > 0 and self.config.num_hidden_layers > 0:
+            if encoder_hidden_states is None:
+                raise ValueError("encoder_hidden_states (the image features) are required when queries are present")
+            encoder_hidden_states = encoder_hidden_states.to(dtype)
+            if encoder_hidden_states.shape[0] != batch:
+                raise ValueError(
+                    f"encoder_hidden_states has batch size {encoder_hidden_states.shape[0]}, the queries {batch}"
+                )
+            if encoder_hidden_states.shape[-1] != self.config.resolved_encoder_hidden_size:
+                raise ValueError(
+                    f"encoder_hidden_states must have width {self.config.resolved_encoder_hidden_size} "
+                    f"(config.encoder_hidden_size), got {encoder_hidden_states.shape[-1]}"
+                )
+            if encoder_attention_mask is not None:
+                encoder_additive_mask = padding_to_additive_mask(encoder_attention_mask, dtype)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        all_cross_attentions = () if output_attentions else None
+        for layer in self.encoder.layer:
+            hidden_states, self_weights, cross_weights = layer(
+                hidden_states,
+                additive_mask,
+                encoder_hidden_states,
+                encoder_additive_mask,
+                query_length,
+                output_attentions=output_attentions,
+            )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (self_weights,)
+                all_cross_attentions += (cross_weights,)
+        output = BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            pooler_output=hidden_states[:, 0],
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            cross_attentions=all_cross_attentions,
+        )
+        return output if _wants_dict(return_dict, self.config) else output.to_tuple()
+
+    @staticmethod
+    def _self_attention_mask(
+        attention_mask: torch.Tensor | None,
+        batch: int,
+        length: int,
+        query_length: int,
+        attention_type: str,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+        if attention_mask is None:
+            if attention_type == "bidirectional":
+                return None
+            attention_mask = torch.ones(batch, length, dtype=torch.long)
+        if attention_mask.dim() == 2:
+            if tuple(attention_mask.shape) != (batch, length):
+                raise ValueError(
+                    f"attention_mask must have shape {(batch, length)} (batch, query + text length), "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            return build_qformer_attention_mask(attention_mask, query_length, attention_type, dtype)
+        if attention_mask.dim() == 3 and tuple(attention_mask.shape) == (batch, length, length):
+            return boolean_to_additive_mask(attention_mask[:, None], dtype)
+        raise ValueError(
+            f"attention_mask must be (batch, length) or (batch, length, length) with batch={batch}, "
+            f"length={length}; got {tuple(attention_mask.shape)}"
+        )
+
+
+class _Blip2WithLanguageModel(Blip2PreTrainedModel):
+    """Vision encoder + query tokens + Q-Former + projection + LLM, and how their inputs are put together."""
+
+    _keep_in_fp32_modules_strict = FP32_MODULES
+
+    def __init__(self, config: Blip2Config) -> None:
+        super().__init__(config)
+        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        if config.use_decoder_only_language_model:
+            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            self.language_model = AutoModelForSeq2SeqLM.from_config(config.text_config)
+        self.post_init()
+
+    # -- embeddings plumbing for resize_token_embeddings, generate, PEFT -------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        if modality is None:
+            return self.language_model.get_encoder()
+        return super().get_encoder(modality=modality)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    # -- freezing and precision -----------------------------------------------------------------------------------
+    def freeze_language_model(self) -> None:
+        """Freezes the LLM and keeps it in eval mode (stage 2 and fine-tuning recipes of the paper)."""
+        self.freeze_modules("language_model")
+
+    def apply_precision_policy(self, dtype: torch.dtype) -> _Blip2WithLanguageModel:
+        """Puts the vision encoder and LLM in `dtype` (e.g. bf16) and keeps the trained parts in fp32.
+
+        fp32 parts: query tokens, Q-Former, language projection and the post-encoder LayerNorm. Tensors are cast
+        where they cross from one part to the other. `from_pretrained(..., dtype=torch.bfloat16)` applies the same
+        policy.
+        """
+        self.vision_model.to(dtype)
+        self.language_model.to(dtype)
+        for name in FP32_MODULES:
+            module_or_parameter = self.get_submodule(name) if name != "query_tokens" else None
+            if module_or_parameter is None:
+                self.query_tokens.data = self.query_tokens.data.float()
+            else:
+                module_or_parameter.float()
+        return self
+
+    # -- images -> soft prompts -----------------------------------------------------------------------------------
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> Blip2ImageEncodingOutput:
+        """Images -> vision features -> Q-Former query outputs -> soft visual prompts in the LLM's width."""
+        vision_outputs = self.vision_model(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        image_embeds = vision_outputs.last_hidden_state
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        qformer_outputs = self.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        query_output = qformer_outputs.last_hidden_state
+        language_model_inputs = self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        return Blip2ImageEncodingOutput(
+            image_embeds=image_embeds,
+            query_output=query_output,
+            language_model_inputs=language_model_inputs,
+            vision_outputs=vision_outputs,
+            qformer_outputs=qformer_outputs,
+        )
+
+    # -- prompts ----------------------------------------------------------------------------------------------------
+    def _default_prompt(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Prompt ids when none are given: the LLM's BOS (T5: its start id, else EOS, as LAVIS feeds `</s>`)."""
+        text_config = self.config.text_config
+        start = text_config.bos_token_id
+        if start is None and not self.config.use_decoder_only_language_model:
+            start = text_config.eos_token_id
+        if start is None:
+            return torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        return torch.full((batch_size, 1), start, dtype=torch.long, device=device)
+
+    def _place_image_tokens(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ) -> _LanguageModelInputs:
+        """Finds the `num_query_tokens` image positions of every row, inserting them if the prompt has none.
+
+        Inserted positions go right after any left padding, so a left-padded batch lays out exactly like one
+        prompt at a time.
+        """
+        num_queries = self.config.num_query_tokens
+        image_token = self.config.image_token_index
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {(batch, length)}, got {tuple(attention_mask.shape)}"
+            )
+        counts = (input_ids == image_token).sum(dim=1) if image_token is not None else input_ids.new_zeros(batch)
+        if bool((counts == num_queries).all()):
+            image_positions = input_ids == image_token
+            if labels is not None:
+                labels = labels.masked_fill(image_positions, IGNORE_INDEX)
+            return _LanguageModelInputs(input_ids, attention_mask, labels, image_positions, inserted=False)
+        if bool((counts != 0).any()):
+            row = int(torch.nonzero(counts != num_queries)[0])
+            if bool((counts == num_queries).any()):
+                row = int(torch.nonzero(counts == 0)[0]) if bool((counts == 0).any()) else row
+            raise ValueError(
+                f"row {row} of input_ids has {int(counts[row])} image tokens (id {image_token}); every row must hold "
+                f"exactly num_query_tokens={num_queries} of them, or none (then the queries are prepended). "
+                f"Counts per row: {counts.tolist()}"
+            )
+
+        # (B, L) -> (B, L + Q): the queries go after each row's leading padding.
+        offsets = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)  # (B, 1)
+        positions = torch.arange(length + num_queries, device=input_ids.device)[None]  # (1, L + Q)
+        image_positions = (positions >= offsets) & (positions < offsets + num_queries)  # (B, L + Q)
+        source = torch.where(positions < offsets, positions, positions - num_queries).clamp(0, max(length - 1, 0))
+
+        def spread(values: torch.Tensor, image_value: int) -> torch.Tensor:
+            if length == 0:
+                return values.new_full((batch, num_queries), image_value)
+            return torch.gather(values, 1, source.expand(batch, -1)).masked_fill(image_positions, image_value)
+
+        placeholder = image_token if image_token is not None else 0
+        return _LanguageModelInputs(
+            input_ids=spread(input_ids, placeholder),
+            attention_mask=spread(attention_mask, 1),
+            labels=None if labels is None else spread(labels, IGNORE_INDEX),
+            image_positions=image_positions,
+            inserted=True,
+        )
+
+    def _embed_prompt(self, prepared: _LanguageModelInputs, language_model_inputs: torch.Tensor) -> torch.Tensor:
+        embeddings = self.get_input_embeddings()(prepared.input_ids)
+        soft_prompts = language_model_inputs.to(embeddings.device, embeddings.dtype)
+        return embeddings.masked_scatter(prepared.image_positions[..., None].to(embeddings.device), soft_prompts)
+
+    def _check_sequence_fits(self, length: int, what: str) -> None:
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if self.config.use_decoder_only_language_model and limit is not None and length > limit:
+            raise ValueError(
+                f"{what} is {length} positions ({self.config.num_query_tokens} query tokens included), more than the "
+                f"LLM's max_position_embeddings ({limit}); shorten the prompt"
+            )
+
+    def _prepare_prompt(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        encoding: Blip2ImageEncodingOutput,
+    ) -> _LanguageModelInputs:
+        batch = encoding.language_model_inputs.shape[0]
+        if input_ids is None:
+            if attention_mask is not None:
+                raise ValueError("attention_mask was given without input_ids")
+            input_ids = self._default_prompt(batch, pixel_values.device)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] != batch:
+            raise ValueError(
+                f"got {batch} images but {input_ids.shape[0]} texts: pixel_values and input_ids need one batch size"
+            )
+        if labels is not None and self.config.use_decoder_only_language_model and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+            )
+        if labels is not None and labels.shape[0] != batch:
+            raise ValueError(f"labels have batch size {labels.shape[0]}, the images {batch}")
+        return self._place_image_tokens(input_ids, attention_mask, labels if self._labels_follow_prompt() else None)
+
+    def _labels_follow_prompt(self) -> bool:
+        # Decoder-only labels align with the prompt; encoder-decoder labels are decoder targets.
+        return self.config.use_decoder_only_language_model
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Blip2ConditionalGenerationOutput | tuple:
+        """Runs images and prompts through the whole model.
+
+        Args:
+            pixel_values: `(batch, 3, H, W)` images.
+            input_ids: `(batch, L)` LLM prompt ids holding `num_query_tokens` image tokens per row (the processor's
+                layout) or none (the queries are then placed before the text, after any left padding).
+            attention_mask: `(batch, L)` padding mask of `input_ids`.
+            decoder_input_ids, decoder_attention_mask: Decoder inputs of encoder-decoder LLMs.
+            labels: Decoder-only: `(batch, L)` like `input_ids`, -100 where no loss is taken (image positions are
+                always ignored). Encoder-decoder: decoder target ids.
+        """
+        encoding = self.encode_images(
+            pixel_values,
+            interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        prepared = self._prepare_prompt(pixel_values, input_ids, attention_mask, labels, encoding)
+        self._check_sequence_fits(prepared.input_ids.shape[1], "the prompt")
+        inputs_embeds = self._embed_prompt(prepared, encoding.language_model_inputs)
+        common = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        if self.config.use_decoder_only_language_model:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=prepared.attention_mask,
+                labels=prepared.labels,
+                return_dict=True,
+                **common,
+                **kwargs,
+            )
+        else:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=prepared.attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                labels=labels,
+                return_dict=True,
+                **common,
+                **kwargs,
+            )
+        output = Blip2ConditionalGenerationOutput(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            vision_outputs=encoding.vision_outputs,
+            qformer_outputs=encoding.qformer_outputs,
+            language_model_outputs=outputs,
+        )
+        return output if _wants_dict(return_dict, self.config) else output.to_tuple()
+
+
+class Blip2Model(_Blip2WithLanguageModel):
+    """BLIP-2 with feature getters for each part: images, Q-Former queries and LLM text features."""
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """Vision encoder output: `last_hidden_state` `(batch, 1 + num_patches, vision_hidden)`."""
+        return self.vision_model(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+
+    def get_qformer_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        """Q-Former output for the queries: `last_hidden_state` `(batch, num_query_tokens, qformer_hidden)`."""
+        return self.encode_images(
+            pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states
+        ).qformer_outputs
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> ModelOutput:
+        """LLM hidden states of text alone (decoder-only: the decoder stack; encoder-decoder: the encoder)."""
+        text_model = (
+            self.language_model.base_model
+            if self.config.use_decoder_only_language_model
+            else self.language_model.get_encoder()
+        )
+        return text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+
+
+class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
+    """BLIP-2 for image-conditioned text generation (captioning, VQA) with a decoder-only or encoder-decoder LLM."""
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> Blip2ImageEncodingOutput:
+        """Images encoded for the LLM; `language_model_inputs` are the soft visual prompts."""
+        return self.encode_images(pixel_values, interpolate_pos_encoding)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **generate_kwargs: Any,
+    ) -> torch.LongTensor | GenerateOutput:
+        """Generates text conditioned on images and optional prompts.
+
+        Any `transformers` generation argument works (`max_new_tokens`, `num_beams`, `do_sample`, ...); the model's
+        `generation_config` supplies the defaults. Batched prompts of different lengths must be left-padded.
+
+        Returns, for decoder-only LLMs, the prompt ids as given followed by the new tokens (with no prompt: BOS
+        and the new tokens); for encoder-decoder LLMs, the decoder ids.
+        """
+        encoding = self.encode_images(pixel_values, interpolate_pos_encoding)
+        if self.config.use_decoder_only_language_model and attention_mask is not None:
+            _check_left_padded(attention_mask)
+        user_ids = (
+            input_ids if input_ids is not None else self._default_prompt(pixel_values.shape[0], pixel_values.device)
+        )
+        prepared = self._prepare_prompt(pixel_values, user_ids, attention_mask, None, encoding)
+        prompt_length = prepared.input_ids.shape[1]
+        self._check_sequence_fits(
+            prompt_length + int(generate_kwargs.get("max_new_tokens") or 0), "prompt + new tokens"
+        )
+        inputs_embeds = self._embed_prompt(prepared, encoding.language_model_inputs)
+        generate_kwargs = _with_generation_defaults(self.generation_config, generate_kwargs)
+        if not self.config.use_decoder_only_language_model:
+            return self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=prepared.attention_mask, **generate_kwargs
+            )
+        outputs = self.language_model.generate(
+            input_ids=prepared.input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            **generate_kwargs,
+        )
+        if not prepared.inserted:
+            return outputs
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        # Give back the prompt as the caller wrote it: drop the query placeholders inserted above.
+        sequences = torch.cat([user_ids.to(sequences.device), sequences[:, prompt_length:]], dim=1)
+        if isinstance(outputs, torch.Tensor):
+            return sequences
+        outputs.sequences = sequences
+        return outputs
+
+
+def _check_left_padded(attention_mask: torch.Tensor) -> None:
+    """Right-padded prompts make a decoder-only LLM continue from padding: refuse them for batched generation."""
+    if attention_mask.dim() == 2 and bool((attention_mask[:, -1] == 0).any()):
+        row = int(torch.nonzero(attention_mask[:, -1] == 0)[0])
+        raise ValueError(
+            f"row {row} of the prompt batch is right-padded; batched generation needs left padding "
+            "(tokenizer.padding_side = 'left')"
+        )
+
+
+def _with_generation_defaults(defaults: GenerationConfig, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Folds generation arguments into a copy of the model's generation config (unless one is passed)."""
+    if "generation_config" in generate_kwargs:
+        return generate_kwargs
+    generation_config = copy.deepcopy(defaults)
+    remaining = generation_config.update(**generate_kwargs)
+    return {"generation_config": generation_config, **remaining}
+
+
+def _wants_dict(return_dict: bool | None, config: Any) -> bool:
+    return bool(return_dict if return_dict is not None else getattr(config, "return_dict", True))

@@ -1,0 +1,150 @@
+"""Building blocks of the image encoder: EVA ViT-g (the official checkpoints) and CLIP ViT-L style variants."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .attention import attend
+from .configuration import Blip2VisionConfig
+
+
+class Blip2VisionEmbeddings(nn.Module):
+    """Patch embedding + class token + learned absolute positions (optionally resized to another image size)."""
+
+    def __init__(self, config: Blip2VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, width))
+        # CLIP's patch projection has no bias; EVA's has one.
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels,
+            width,
+            kernel_size=config.patch_size,
+            stride=config.patch_size,
+            bias=config.vision_architecture == "eva",
+        )
+        self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, width))
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        height, width = pixel_values.shape[-2:]
+        size = self.config.image_size
+        if (height, width) != (size, size) and not interpolate_pos_encoding:
+            raise ValueError(
+                f"pixel_values must be {size}x{size} for this encoder, got {height}x{width}; resize the images "
+                "or pass interpolate_pos_encoding=True to resize the position embeddings"
+            )
+        patch = self.config.patch_size
+        if height < patch or width < patch:
+            raise ValueError(f"pixel_values must be at least one patch ({patch}x{patch}), got {height}x{width}")
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, gh, gw)
+        grid = patches.shape[-2:]
+        patches = patches.flatten(2).transpose(1, 2)  # (B, gh*gw, D)
+        class_token = self.class_embedding.to(patches.dtype).expand(patches.shape[0], -1, -1)
+        embeddings = torch.cat([class_token, patches], dim=1)
+        return embeddings + self.position_embeddings_for_grid(*grid).to(embeddings.dtype)
+
+    def position_embeddings_for_grid(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """Position embeddings `(1, 1 + gh*gw, D)`, bicubically resized when the patch grid differs from training."""
+        positions = self.position_embedding
+        side = self.config.image_size // self.config.patch_size
+        if (grid_height, grid_width) == (side, side):
+            return positions
+        class_position, patch_positions = positions[:, :1], positions[:, 1:]
+        patch_positions = patch_positions.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
+        patch_positions = F.interpolate(
+            patch_positions.float(), size=(grid_height, grid_width), mode="bicubic", align_corners=False
+        ).to(positions.dtype)
+        patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, -1)
+        return torch.cat([class_position, patch_positions], dim=1)
+
+
+class Blip2VisionAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection.
+
+    In the EVA layout the bias of the key third is not a parameter of the original model; it is kept in the fused
+    bias for checkpoint compatibility but excluded from the computation graph, so it stays zero under training.
+    """
+
+    def __init__(self, config: Blip2VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.projection = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key_bias_is_zero = config.vision_architecture == "eva"
+
+    def fused_bias(self) -> torch.Tensor | None:
+        """The qkv bias as used in the forward pass (key third zeroed in the EVA layout)."""
+        bias = self.qkv.bias
+        if bias is None or not self.key_bias_is_zero:
+            return bias
+        query_bias, key_bias, value_bias = bias.chunk(3)
+        return torch.cat([query_bias, torch.zeros_like(key_bias), value_bias])
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, width = hidden_states.shape
+        qkv = F.linear(hidden_states, self.qkv.weight, self.fused_bias())
+        qkv = qkv.reshape(batch, length, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        attended, weights = attend(
+            query, key, value, None, dropout, self.config._attn_implementation, need_weights=output_attentions
+        )
+        attended = attended.transpose(1, 2).reshape(batch, length, width)
+        return self.projection(attended), weights
+
+
+class Blip2VisionMLP(nn.Module):
+    def __init__(self, config: Blip2VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden_states)))
+
+
+class Blip2VisionEncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, config: Blip2VisionConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = Blip2VisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Blip2VisionMLP(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.self_attn(self.layer_norm1(hidden_states), output_attentions=output_attentions)
+        hidden_states = hidden_states + attended
+        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        return hidden_states, weights
+
+
+class Blip2VisionEncoder(nn.Module):
+    def __init__(self, config: Blip2VisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Blip2VisionEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, weights = layer(hidden_states, output_attentions=output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
+        return hidden_states, all_hidden_states, all_attentions

@@ -1,0 +1,118 @@
+"""Tiny BLIP-2 configurations for the tests, as plain dicts that both our and the stock config classes accept."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+NUM_QUERY_TOKENS = 4
+IMAGE_TOKEN = 110
+VOCAB = 120
+IMAGE_SIZE = 28
+
+VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": IMAGE_SIZE,
+    "patch_size": 7,
+    "initializer_range": 0.02,
+}
+QFORMER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "vocab_size": 100,
+    "max_position_embeddings": 64,
+}
+TEXT = {
+    "opt": {
+        "model_type": "opt",
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "ffn_dim": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+        "word_embed_proj_dim": 32,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+        "pad_token_id": 1,
+    },
+    "llama": {
+        "model_type": "llama",
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    },
+    "t5": {
+        "model_type": "t5",
+        "vocab_size": VOCAB,
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        "decoder_start_token_id": 0,
+    },
+}
+FAMILIES = tuple(TEXT)
+
+
+def config_dict(family: str = "opt", **overrides: object) -> dict:
+    """A composite config dict (no model_type), loadable by our `Blip2Config` and the stock one."""
+    config = {
+        "vision_config": copy.deepcopy(VISION),
+        "qformer_config": copy.deepcopy(QFORMER),
+        "text_config": copy.deepcopy(TEXT[family]),
+        "num_query_tokens": NUM_QUERY_TOKENS,
+        "image_token_index": IMAGE_TOKEN,
+    }
+    config.update(overrides)
+    return config
+
+
+def randomise_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
+    """Gives every parameter a non-trivial random value (stock init leaves some at ~0), keeping ties intact."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+        # The EVA encoder has no key bias: official checkpoints hold zeros in that third of the fused qkv bias.
+        for name, parameter in model.named_parameters():
+            if name.endswith("self_attn.qkv.bias"):
+                parameter[parameter.shape[0] // 3 : 2 * parameter.shape[0] // 3] = 0
+    return model
+
+
+def pixels(batch: int = 2, size: int = IMAGE_SIZE, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt_with_image_tokens(texts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `[<image> x Q] + text`, left-padded (the processor's layout)."""
+    rows = [[IMAGE_TOKEN] * NUM_QUERY_TOKENS + text for text in texts]
+    return left_pad(rows, pad_id)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return ids, mask

@@ -426,12 +426,12 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         """
         self.vision_model.to(dtype)
         self.language_model.to(dtype)
+        own_parameters = dict(self.named_parameters(recurse=False))
         for name in FP32_MODULES:
-            module_or_parameter = self.get_submodule(name) if name != "query_tokens" else None
-            if module_or_parameter is None:
-                self.query_tokens.data = self.query_tokens.data.float()
+            if name in own_parameters:
+                own_parameters[name].data = own_parameters[name].data.float()
             else:
-                module_or_parameter.float()
+                self.get_submodule(name).float()
         return self
 
     # -- images -> soft prompts -----------------------------------------------------------------------------------

@@ -299,7 +299,9 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         # The Q-Former keeps its own (fp32) dtype; inputs from fp16/bf16 parts are cast at the boundary.
         dtype = self.layernorm.weight.dtype
         hidden_states = self.dropout(self.layernorm(query_embeds.to(dtype)))
-        additive_mask = self._self_attention_mask(attention_mask, batch, length, query_length, attention_type, dtype)
+        additive_mask = self._self_attention_mask(
+            attention_mask, batch, length, query_length, attention_type, dtype, hidden_states.device
+        )
 
         encoder_additive_mask = None
         if query_length > 0 and self.config.num_hidden_layers > 0:
@@ -352,13 +354,14 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         query_length: int,
         attention_type: str,
         dtype: torch.dtype,
+        device: torch.device,
     ) -> torch.Tensor | None:
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
         if attention_mask is None:
             if attention_type == "bidirectional":
                 return None
-            attention_mask = torch.ones(batch, length, dtype=torch.long)
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
         if attention_mask.dim() == 2:
             if tuple(attention_mask.shape) != (batch, length):
                 raise ValueError(
@@ -729,6 +732,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
             prompt_length + int(generate_kwargs.get("max_new_tokens") or 0), "prompt + new tokens"
         )
         inputs_embeds = self._embed_prompt(prepared, encoding.language_model_inputs)
+        del encoding  # the image features are not needed while decoding
         generate_kwargs = _with_generation_defaults(self.generation_config, generate_kwargs)
         if not self.config.use_decoder_only_language_model:
             return self.language_model.generate(

@@ -163,7 +163,8 @@ class Blip2QFormerLayer(GradientCheckpointingLayer):
             outputs.append(self.output_query(self.intermediate_query(queries), queries))
         if text.shape[1] > 0:
             outputs.append(self.output(self.intermediate(text), text))
-        return torch.cat(outputs, dim=1), self_weights, cross_weights
+        hidden_states = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return hidden_states, self_weights, cross_weights
 
 
 class Blip2QFormerEncoder(nn.Module):

@@ -127,6 +127,7 @@ class Blip2VisionEncoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, weights = self.self_attn(self.layer_norm1(hidden_states), output_attentions=output_attentions)
         hidden_states = hidden_states + attended
+        del attended  # one (B, T, D) activation less at the MLP's memory peak
         hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
         return hidden_states, weights
 

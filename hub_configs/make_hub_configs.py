@@ -331,7 +331,7 @@ def tiny_image_processor_dict(image_size: int) -> dict[str, Any]:
     """`preprocessor_config.json` for transformers' `BlipImageProcessor` (as in the official repos, but tiny)."""
     return {
         "image_processor_type": "BlipImageProcessor",
-        "processor_class": "Blip2Processor",
+        "processor_class": "Blip2ImageTextProcessor",
         "do_convert_rgb": True,
         "do_resize": True,
         "size": {"height": image_size, "width": image_size},
@@ -403,7 +403,11 @@ def write_tiny_random(folder: Path) -> None:
     _write_json(folder / "preprocessor_config.json", tiny_image_processor_dict(config.vision_config.image_size))
     _write_json(
         folder / "processor_config.json",
-        {"processor_class": "Blip2Processor", "num_query_tokens": config.num_query_tokens},
+        {
+            "processor_class": "Blip2ImageTextProcessor",
+            "num_query_tokens": config.num_query_tokens,
+            "image_token": TINY_IMAGE_TOKEN,
+        },
     )
 
 

@@ -15,6 +15,8 @@ VISION_ARCHITECTURES = ("eva", "clip")
 # Width of EVA ViT-g, the encoder of every official checkpoint: the cross-attention width of a stand-alone Q-Former
 # whose config does not say otherwise (the stock default, which stock configs therefore never write out).
 DEFAULT_ENCODER_HIDDEN_SIZE = 1408
+# Ours and the stock one: a vision or Q-Former config can be read out of either.
+COMPOSITE_MODEL_TYPES = ("modeling_blip2", "blip-2")
 
 
 class _ReadsOfficialConfigs:
@@ -33,8 +35,16 @@ class _ReadsOfficialConfigs:
 
     @classmethod
     def _normalise_official(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
-        if config_dict.get("model_type") == cls.official_model_type:
-            config_dict = {**config_dict, "model_type": cls.model_type}
+        model_type = config_dict.get("model_type")
+        if model_type == cls.official_model_type:
+            return {**config_dict, "model_type": cls.model_type}
+        # A sub-config may be read from its composite's config.json (`base_config_key` picks it out later).
+        accepted = {cls.model_type, *(COMPOSITE_MODEL_TYPES if cls.base_config_key else ())}
+        if model_type is not None and model_type not in accepted:
+            raise ValueError(
+                f"{cls.__name__} expects a BLIP-2 config (model_type {cls.model_type!r} or "
+                f"{cls.official_model_type!r}), got model_type {model_type!r}"
+            )
         return config_dict
 
 

@@ -6,10 +6,16 @@ State-dict keys follow the transformers layout of the official Salesforce checkp
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import EvalResult, HfApi
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -28,12 +34,24 @@ from transformers.utils import ModelOutput
 
 from .attention import boolean_to_additive_mask, padding_to_additive_mask
 from .configuration import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from .model_card import DEFAULT_LICENSE, build_model_card, require_hub_token
 from .qformer import ATTENTION_TYPES, Blip2QFormerEncoder, build_qformer_attention_mask
 from .vision import Blip2VisionEmbeddings, Blip2VisionEncoder
 
 IGNORE_INDEX = -100
 # Modules trained in fp32 while the frozen encoder and LLM run in fp16/bf16 (the paper's precision recipe).
 FP32_MODULES = ["query_tokens", "qformer", "language_projection", "vision_model.post_layernorm"]
+# transformers consults `config.custom_pipelines` before redirecting "image-to-text" / refusing
+# "visual-question-answering": saved checkpoints name our pipeline classes there and carry their code (pipelines.py
+# and what it imports), so `pipeline(task, model=checkpoint, trust_remote_code=True)` runs them.
+CUSTOM_PIPELINES = {
+    task: {"impl": f"pipelines.{class_name}", "pt": ["AutoModelForImageTextToText"], "type": "multimodal"}
+    for task, class_name in (
+        ("image-to-text", "Blip2ImageToTextPipeline"),
+        ("visual-question-answering", "Blip2VisualQuestionAnsweringPipeline"),
+    )
+}
+PIPELINE_CODE_FILES = ("pipelines.py", "processing.py", "model_card.py", "configuration.py")  # + what they import
 
 
 @dataclass
@@ -125,6 +143,95 @@ class Blip2PreTrainedModel(PreTrainedModel):
         elif isinstance(getattr(module, "query_tokens", None), nn.Parameter):
             # LAVIS draws the queries from N(0, 0.02); all-zero queries (the stock init) start out identical.
             init.normal_(module.query_tokens, mean=0.0, std=0.02)
+
+    # -- loading ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike | None,
+        *model_args: Any,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> Blip2PreTrainedModel:
+        """`PreTrainedModel.from_pretrained`, reading safetensors weights only unless `allow_pickle=True`.
+
+        Pickle checkpoints (`pytorch_model.bin`) can run code when loaded, so they are refused unless the caller
+        opts in. Corrupt or truncated safetensors files, and configs of another model type, raise a `ValueError`
+        that says so.
+        """
+        if not allow_pickle:
+            if kwargs.get("use_safetensors") is False:
+                raise ValueError(
+                    "use_safetensors=False reads pickle weights: pass allow_pickle=True as well to opt in"
+                )
+            kwargs["use_safetensors"] = True
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(
+                f"the safetensors weights of {pretrained_model_name_or_path} are corrupt or truncated ({error}); "
+                "download or save them again"
+            ) from error
+        except OSError as error:
+            if allow_pickle or "safetensors" not in str(error):
+                raise
+            raise ValueError(
+                f"{pretrained_model_name_or_path} has no safetensors weights. If it only has pickle weights "
+                "(pytorch_model.bin), loading them can run arbitrary code: pass allow_pickle=True only for a "
+                "source you trust, or convert the checkpoint to safetensors"
+            ) from error
+
+    # -- Hub ------------------------------------------------------------------------------------------------------
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        max_shard_size: int | str = "5GB",
+        create_pr: bool = False,
+        revision: str | None = None,
+        license: str | None = DEFAULT_LICENSE,
+        base_model: str | list[str] | None = None,
+        datasets: str | list[str] | None = None,
+        eval_results: list[EvalResult] | None = None,
+        training_hyperparameters: dict[str, Any] | None = None,
+        tags: list[str] | None = None,
+        description: str | None = None,
+    ) -> Any:
+        """Uploads the model (safetensors, sharded above `max_shard_size`) with a generated model card.
+
+        The card (README.md) carries the Hub metadata (license, library, pipeline tag, tags, base models, datasets,
+        evaluation results) and a usage snippet; see `model_card.build_model_card` for the arguments. Push the
+        processor with `processor.push_to_hub(repo_id)` to the same repo.
+        """
+        token = require_hub_token(token)
+        repo_id = HfApi().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        card = build_model_card(
+            self.config,
+            type(self).__name__,
+            repo_id,
+            license=license,
+            base_model=base_model,
+            datasets=datasets,
+            eval_results=eval_results,
+            training_hyperparameters=training_hyperparameters,
+            tags=tags,
+            description=description,
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            card.save(os.path.join(folder, "README.md"))
+            return self._upload_modified_files(
+                folder,
+                repo_id,
+                files_timestamps={},
+                commit_message=commit_message or "Upload BLIP-2 model",
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
+            )
 
     # -- frozen modules ------------------------------------------------------------------------------------------
     @property
@@ -696,6 +803,18 @@ class Blip2Model(_Blip2WithLanguageModel):
 
 class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
     """BLIP-2 for image-conditioned text generation (captioning, VQA) with a decoder-only or encoder-decoder LLM."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.save_pretrained`, plus the pipeline code and `custom_pipelines` entries (see
+        `CUSTOM_PIPELINES`), written first so that `push_to_hub=True` uploads them too."""
+        os.makedirs(save_directory, exist_ok=True)
+        package_folder = Path(__file__).resolve().parent
+        for name in PIPELINE_CODE_FILES:
+            # A model loaded as remote code may run from a folder without these files; then there is nothing to copy.
+            if (package_folder / name).is_file():
+                shutil.copyfile(package_folder / name, Path(save_directory) / name)
+        self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_image_features(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False

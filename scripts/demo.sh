@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[dev]'
 export HF_HUB_OFFLINE=1
-.venv/bin/python examples/caption.py --model hub_configs/tiny-random --random-init --prompt "a photo of" "$@"
+.venv/bin/python examples/caption.py --model hub_configs/tiny-random --random_init --prompt "a photo of" "$@"

@@ -1,4 +1,4 @@
-"""The command-line examples run end to end on the tiny-random fixture."""
+"""The command-line examples run end to end on the tiny-random fixture (random weights)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "hub_configs" / "tiny-random")
 
 
 def _load(name: str):
@@ -17,26 +20,27 @@ def _load(name: str):
     return module
 
 
-def test_caption_example_on_random_tiny_model(tmp_path) -> None:
-    from PIL import Image
+def _images(tmp_path) -> list[str]:
+    paths = [tmp_path / "red.png", tmp_path / "blue.png"]
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(paths[0])
+    Image.new("RGBA", (30, 40), (30, 30, 200, 255)).save(paths[1])
+    return [str(path) for path in paths]
 
-    image_path = tmp_path / "image.png"
-    Image.new("RGB", (40, 30), (200, 30, 30)).save(image_path)
-    caption = _load("caption")
-    folder = str(ROOT / "hub_configs" / "tiny-random")
-    captions = caption.main(
-        [
-            "--model",
-            folder,
-            "--random-init",
-            "--max_new_tokens",
-            "4",
-            "--prompt",
-            "a photo of",
-            "--images",
-            str(image_path),
-            str(image_path),
-        ]
-    )
-    assert len(captions) == 2 and all(text.startswith("a photo of") for text in captions)
-    assert captions[0] == captions[1]  # same image, same greedy caption
+
+def test_caption_example(tmp_path) -> None:
+    red, blue = _images(tmp_path)
+    common = ["--model", TINY, "--random_init", "--max_new_tokens", "4", "--min_new_tokens", "4"]
+    captions = _load("caption").main([*common, "--prompt", "a photo of", "--images", red, blue, red])
+    assert len(captions) == 3 and all(text.startswith("a photo of") for text in captions)
+    assert captions[0] == captions[2]  # same image, same greedy caption
+    beam = _load("caption").main([*common, "--num_beams", "3", "--images", red])
+    assert len(beam) == 1 and isinstance(beam[0], str)
+
+
+def test_vqa_example(tmp_path) -> None:
+    red, blue = _images(tmp_path)
+    common = ["--model", TINY, "--random_init", "--max_new_tokens", "3", "--num_beams", "2"]
+    answers = _load("vqa").main([*common, "--images", red, blue, "--questions", "what color?", "what shape?"])
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+    shared = _load("vqa").main([*common, "--images", red, blue, "--questions", "what color?"])
+    assert len(shared) == 2

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, Blip2Processor, BlipImageProcessor, GenerationConfig
+from transformers import AutoProcessor, AutoTokenizer, BlipImageProcessor, GenerationConfig
 
 from modeling_blip2 import (
     Blip2Config,
@@ -287,7 +287,8 @@ def test_tiny_random_image_processor():
 
 def test_tiny_random_processor_and_generate():
     config = Blip2Config.from_pretrained(TINY)
-    processor = Blip2Processor.from_pretrained(TINY)
+    processor = AutoProcessor.from_pretrained(TINY)
+    assert type(processor).__name__ == "Blip2ImageTextProcessor"
     assert processor.num_query_tokens == config.num_query_tokens == 4
     inputs = processor(images=_image(), text="a photo of", return_tensors="pt")
     assert tuple(inputs.pixel_values.shape) == (1, 3, 28, 28)

@@ -116,3 +116,22 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
     return ids, mask
+
+
+TINY_RANDOM = __import__("pathlib").Path(__file__).resolve().parents[1] / "hub_configs" / "tiny-random"
+
+
+def tiny_checkpoint_parts(seed: int = 0):
+    """A randomised tiny-random model (OPT LLM) and its processor, built from `hub_configs/tiny-random`."""
+    from transformers import AutoTokenizer
+
+    from modeling_blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2ImageTextProcessor
+    from modeling_blip2.processing import blip2_image_processor
+
+    config = Blip2Config.from_pretrained(TINY_RANDOM)
+    model = randomise_(Blip2ForConditionalGeneration(config), std=0.2, seed=seed).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TINY_RANDOM)
+    processor = Blip2ImageTextProcessor(
+        blip2_image_processor(config.vision_config.image_size), tokenizer, num_query_tokens=config.num_query_tokens
+    )
+    return model, processor

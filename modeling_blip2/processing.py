@@ -1,0 +1,417 @@
+"""Processor: images with BLIP-2 semantics, LLM prompts with `<image>` tokens, and an optional Q-Former tokenizer."""
+
+from __future__ import annotations
+
+import io
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers import AutoTokenizer, BatchFeature, BlipImageProcessorPil, ProcessorMixin
+from transformers.tokenization_utils_base import AddedToken
+
+from .model_card import require_hub_token
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_TOKEN = "<image>"
+QFORMER_START_TOKEN = "[DEC]"
+QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"
+IGNORE_INDEX = -100
+
+# Paper templates for zero-shot VQA (section 5 of the reference): the LLM family decides the wording.
+VQA_PROMPT_DECODER_ONLY = "Question: {} Answer:"
+VQA_PROMPT_ENCODER_DECODER = "Question: {} Short answer:"
+CAPTION_PROMPT = "a photo of"
+
+ImageLike = Any  # PIL image, numpy array, torch tensor, file path or http(s) URL
+
+
+def blip2_image_processor(image_size: int = 224) -> BlipImageProcessorPil:
+    """The BLIP-2 image transform: RGB, bicubic resize to a square, rescale to [0, 1], OpenAI CLIP normalisation."""
+    return BlipImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        resample=Image.Resampling.BICUBIC,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
+def load_qformer_tokenizer(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """Loads a BERT WordPiece tokenizer for the Q-Former and adds `[DEC]` (the ITG start token) as its BOS token."""
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    return with_qformer_start_token(tokenizer)
+
+
+def with_qformer_start_token(tokenizer: Any) -> Any:
+    """Adds `[DEC]` as the BOS token of a BERT tokenizer (as LAVIS does) unless it is there already."""
+    if tokenizer.bos_token != QFORMER_START_TOKEN:
+        tokenizer.add_special_tokens({"bos_token": QFORMER_START_TOKEN})
+    return tokenizer
+
+
+# -- images ---------------------------------------------------------------------------------------------------------
+
+
+def to_rgb_image(image: ImageLike, timeout: float | None = 10.0) -> Image.Image:
+    """Turns any supported image input into an RGB PIL image, or raises a `ValueError` that says what was wrong.
+
+    Grayscale, palette, RGBA (composited over white), CMYK and 16/32-bit integer or float images are converted;
+    paths and http(s) URLs are loaded. Empty (0-sized) images are refused; a 1x1 image is fine.
+    """
+    if image is None:
+        raise ValueError("expected an image (PIL image, array, path or URL), got None")
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image_source(str(image), timeout)
+    elif isinstance(image, torch.Tensor):
+        image = _array_to_image(image.detach().cpu().numpy())
+    elif isinstance(image, np.ndarray):
+        image = _array_to_image(image)
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"expected an image (PIL image, array, tensor, path or URL), got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"expected a non-empty image, got one of size {image.width}x{image.height}")
+    image = ImageOps.exif_transpose(image)
+    return _pil_to_rgb(image)
+
+
+def _open_image_source(source: str, timeout: float | None) -> Image.Image:
+    if source.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(source, timeout=timeout) as response:  # noqa: S310 (http(s) only)
+                data = response.read()
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            raise ValueError(f"could not fetch the image at {source}: {error}") from error
+        return _decode_image(io.BytesIO(data), source)
+    if not os.path.isfile(source):
+        raise ValueError(f"expected an image file path or an http(s) URL, got {source!r} (no such file)")
+    return _decode_image(source, source)
+
+
+def _decode_image(file: Any, name: str) -> Image.Image:
+    try:
+        image = Image.open(file)
+        image.load()
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{name} is not a readable image: {error}") from error
+    return image
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    if array.size == 0:
+        raise ValueError(f"expected a non-empty image array, got shape {array.shape}")
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)  # channels-first -> channels-last
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"expected an image array of shape (H, W), (H, W, C) or (C, H, W), got {array.shape}")
+    if array.dtype == np.uint16:
+        array = (array.astype(np.float32) / 257.0).round().astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        scale = 255.0 if float(np.nanmax(array)) <= 1.0 else 1.0
+        array = np.clip(np.nan_to_num(array) * scale, 0, 255).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # 16-bit and 32-bit images: PIL's own conversion would clip them to white; scale them down instead.
+        return _pil_to_rgb(_array_to_image(_high_bit_depth_to_uint8(image)))
+    if mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        peak = 1.0 if float(np.nanmax(array)) <= 1.0 else 255.0
+    else:
+        peak = 65535.0 if image.mode.startswith("I;16") or float(array.max()) > 255 else 255.0
+    return np.clip(np.nan_to_num(array) / peak * 255.0, 0, 255).round().astype(np.uint8)
+
+
+def to_rgb_images(images: ImageLike | Sequence[ImageLike], timeout: float | None = 10.0) -> list[Image.Image]:
+    """A single image or a list of them -> list of RGB PIL images (see `to_rgb_image`)."""
+    if images is None:
+        raise ValueError("expected one or more images, got None")
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("expected one or more images, got an empty list")
+        return [to_rgb_image(image, timeout) for image in images]
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return [to_rgb_image(image, timeout) for image in images]
+    return [to_rgb_image(images, timeout)]
+
+
+# -- the processor ------------------------------------------------------------------------------------------------
+
+
+class Blip2ImageTextProcessor(ProcessorMixin):
+    """Prepares images and text for the BLIP-2 models of this package.
+
+    - Images: any PIL mode, arrays, tensors, paths or URLs -> RGB -> the BLIP-2 transform of `image_processor`.
+    - Prompts: tokenized by the LLM tokenizer, each row prefixed with `num_query_tokens` `<image>` tokens (never
+      truncated; `max_length` counts them). Left padding for generation, right padding (and `labels`) for training.
+    - Optional `qformer_tokenizer` (BERT WordPiece + `[DEC]`): `qformer_text` -> `qformer_input_ids` /
+      `qformer_attention_mask`, right-padded.
+
+    Args:
+        image_processor: A BLIP image processor (`blip2_image_processor()` builds the BLIP-2 one).
+        tokenizer: The LLM tokenizer; `<image>` is added as a special token if missing (resize the LLM's
+            embeddings after adding it).
+        num_query_tokens: Image tokens per prompt; must equal the model's `num_query_tokens`.
+        qformer_tokenizer: Optional Q-Former tokenizer, saved in the `qformer_tokenizer/` subfolder.
+        image_token: The placeholder token string.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any,
+        tokenizer: Any,
+        num_query_tokens: int | None = None,
+        qformer_tokenizer: Any = None,
+        image_token: str = IMAGE_TOKEN,
+        **kwargs: Any,
+    ) -> None:
+        if num_query_tokens is not None and num_query_tokens < 1:
+            raise ValueError(f"num_query_tokens must be >= 1, got {num_query_tokens}")
+        if image_token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(image_token, normalized=False, special=True)], special_tokens=True)
+        self.num_query_tokens = num_query_tokens
+        self.image_token = image_token
+        # Kept out of ProcessorMixin's attribute handling (it is optional); saved in its own subfolder.
+        self._qformer_tokenizer = qformer_tokenizer
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @property
+    def qformer_tokenizer(self) -> Any:
+        """The Q-Former's BERT tokenizer (with `[DEC]`), or None."""
+        return self._qformer_tokenizer
+
+    @qformer_tokenizer.setter
+    def qformer_tokenizer(self, tokenizer: Any) -> None:
+        self._qformer_tokenizer = tokenizer
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        # The Q-Former tokenizer is optional, so it is saved and loaded here rather than by ProcessorMixin.
+        return ["image_processor", "tokenizer"]
+
+    @property
+    def image_token_id(self) -> int:
+        """Id of `<image>` in the LLM tokenizer."""
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = ["pixel_values", "input_ids", "attention_mask"]
+        return names + (["qformer_input_ids", "qformer_attention_mask"] if self.qformer_tokenizer is not None else [])
+
+    def __call__(
+        self,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        text: str | Sequence[str] | None = None,
+        qformer_text: str | Sequence[str] | None = None,
+        for_training: bool = False,
+        padding: bool | str = True,
+        truncation: bool | None = None,
+        max_length: int | None = None,
+        qformer_max_length: int = 32,
+        return_tensors: str | None = "pt",
+        timeout: float | None = 10.0,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Processes a batch.
+
+        Args:
+            images: One image or a list (PIL, numpy, torch, path, URL).
+            text: One prompt or a list, as many as images. With images and no text, every image gets an empty
+                prompt (the tokenizer's BOS, if it adds one): the captioning input.
+            qformer_text: Text for the Q-Former (e.g. the question), needs `qformer_tokenizer`.
+            for_training: Right padding and `labels` (prompt ids, -100 on image tokens, BOS and padding). Otherwise
+                left padding, as batched generation needs.
+            padding: `True`/`"longest"`, `"max_length"` (needs `max_length`) or `False` (one row only).
+            truncation: Truncate text to `max_length` (defaults to True when `max_length` is given).
+            max_length: Longest row including the `num_query_tokens` image tokens.
+            qformer_max_length: Longest Q-Former text (32 in the paper).
+            return_tensors: `"pt"` (default) or None for lists.
+        """
+        if images is None and text is None and qformer_text is None:
+            raise ValueError("expected images, text or both; got neither")
+        data: dict[str, Any] = {}
+        pil_images = None
+        if images is not None:
+            pil_images = to_rgb_images(images, timeout)
+            data.update(self.image_processor(pil_images, return_tensors=return_tensors, **kwargs))
+        if text is None and pil_images is not None:
+            text = [""] * len(pil_images)
+        if text is not None:
+            texts = _as_text_list(text, "text")
+            if pil_images is not None and len(texts) != len(pil_images):
+                raise ValueError(f"got {len(pil_images)} images but {len(texts)} texts: pass one text per image")
+            data.update(
+                self._encode_prompts(
+                    texts,
+                    with_image_tokens=pil_images is not None,
+                    for_training=for_training,
+                    padding=padding,
+                    truncation=truncation,
+                    max_length=max_length,
+                )
+            )
+        if qformer_text is not None:
+            data.update(self._encode_qformer_text(qformer_text, qformer_max_length, len(pil_images or [])))
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _encode_prompts(
+        self,
+        texts: list[str],
+        with_image_tokens: bool,
+        for_training: bool,
+        padding: bool | str,
+        truncation: bool | None,
+        max_length: int | None,
+    ) -> dict[str, list[list[int]]]:
+        num_image_tokens = 0
+        if with_image_tokens:
+            if self.num_query_tokens is None:
+                raise ValueError("num_query_tokens is not set: the processor cannot place the image tokens")
+            num_image_tokens = self.num_query_tokens
+        text_max_length = None
+        if max_length is not None:
+            if max_length <= num_image_tokens:
+                raise ValueError(
+                    f"max_length ({max_length}) must exceed the {num_image_tokens} image tokens of every prompt"
+                )
+            text_max_length = max_length - num_image_tokens
+        if truncation is None:
+            truncation = max_length is not None
+        encoded = self.tokenizer(
+            texts, truncation=truncation, max_length=text_max_length, padding=False, add_special_tokens=True
+        )
+        image_ids = [self.image_token_id] * num_image_tokens
+        rows = [image_ids + list(ids) for ids in encoded["input_ids"]]
+        if padding == "max_length":
+            if max_length is None:
+                raise ValueError('padding="max_length" needs max_length')
+            width = max_length
+        elif padding in (True, "longest"):
+            width = max(len(row) for row in rows)
+        elif padding in (False, "do_not_pad"):
+            if len({len(row) for row in rows}) > 1:
+                raise ValueError("prompts of different lengths need padding (padding=True)")
+            width = len(rows[0])
+        else:
+            raise ValueError(f'padding must be True, "longest", "max_length" or False, got {padding!r}')
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        result: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": []}
+        if for_training:
+            result["labels"] = []
+        for row in rows:
+            fill = width - len(row)
+            # Right padding for training (labels line up with the text), left padding for generation.
+            padded, mask = (
+                (row + [pad_id] * fill, [1] * len(row) + [0] * fill)
+                if for_training
+                else (
+                    [pad_id] * fill + row,
+                    [0] * fill + [1] * len(row),
+                )
+            )
+            result["input_ids"].append(padded)
+            result["attention_mask"].append(mask)
+            if for_training:
+                # Labels by position, never by pad id (the pad id may be the EOS the model must learn).
+                text_labels = row[num_image_tokens:]
+                if text_labels and text_labels[0] == self.tokenizer.bos_token_id:
+                    text_labels = [IGNORE_INDEX] + text_labels[1:]  # BOS is given, not predicted
+                labels = [IGNORE_INDEX] * num_image_tokens + text_labels + [IGNORE_INDEX] * fill
+                result["labels"].append(labels)
+        return result
+
+    def _encode_qformer_text(self, qformer_text: str | Sequence[str], max_length: int, num_images: int) -> dict:
+        if self.qformer_tokenizer is None:
+            raise ValueError(
+                "qformer_text needs a qformer_tokenizer (BERT WordPiece + [DEC]); this processor has none"
+            )
+        texts = _as_text_list(qformer_text, "qformer_text")
+        if num_images and len(texts) != num_images:
+            raise ValueError(f"got {num_images} images but {len(texts)} Q-Former texts: pass one per image")
+        encoded = self.qformer_tokenizer(
+            texts, padding=True, truncation=True, max_length=max_length, return_token_type_ids=False
+        )
+        return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}
+
+    def decode_generated(self, sequences: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+        """Decodes `generate` outputs, dropping image tokens, padding and other special tokens."""
+        return [
+            text.strip() for text in self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+        ]
+
+    # -- saving and loading -------------------------------------------------------------------------------------
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, **kwargs: Any) -> Any:
+        """Uploads the processor files (tokenizers, image processor config) to `repo_id`."""
+        return super().push_to_hub(repo_id, token=require_hub_token(token), **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> Any:
+        if push_to_hub:
+            # The Hub upload is the generic one of ProcessorMixin, which calls back here to write the files.
+            return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
+        saved = super().save_pretrained(save_directory, **kwargs)
+        if self.qformer_tokenizer is not None:
+            self.qformer_tokenizer.save_pretrained(os.path.join(save_directory, QFORMER_TOKENIZER_FOLDER))
+        return saved
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> Blip2ImageTextProcessor:
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        qformer_folder = os.path.join(str(pretrained_model_name_or_path), QFORMER_TOKENIZER_FOLDER)
+        if os.path.isdir(qformer_folder):
+            processor.qformer_tokenizer = with_qformer_start_token(AutoTokenizer.from_pretrained(qformer_folder))
+        elif not os.path.isdir(str(pretrained_model_name_or_path)):
+            processor.qformer_tokenizer = _try_hub_qformer_tokenizer(pretrained_model_name_or_path, kwargs)
+        return processor
+
+
+def _try_hub_qformer_tokenizer(repo_id: str | os.PathLike, kwargs: dict[str, Any]) -> Any:
+    hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, subfolder=QFORMER_TOKENIZER_FOLDER, **hub_kwargs)
+    except (OSError, ValueError):
+        return None
+    return with_qformer_start_token(tokenizer)
+
+
+def _as_text_list(text: str | Sequence[str], name: str) -> list[str]:
+    if isinstance(text, str):
+        return [text]
+    if isinstance(text, (list, tuple)) and all(isinstance(item, str) for item in text):
+        if not text:
+            raise ValueError(f"{name} is an empty list")
+        return list(text)
+    raise ValueError(f"{name} must be a string or a list of strings, got {type(text).__name__}")

@@ -1,0 +1,119 @@
+"""What a user types: pipeline("image-to-text" | "visual-question-answering" | "image-text-to-text", model=...)."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+from tiny import tiny_checkpoint_parts
+from transformers import pipeline
+
+from modeling_blip2 import Blip2ImageTextProcessor, Blip2ImageToTextPipeline, blip2_image_processor
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoint")
+    model, processor = tiny_checkpoint_parts()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def captioner(checkpoint):
+    return pipeline("image-to-text", model=str(checkpoint), trust_remote_code=True)
+
+
+def _image(color=(200, 30, 30)) -> Image.Image:
+    return Image.new("RGB", (40, 30), color)
+
+
+def test_image_to_text_captions_a_pil_image_a_path_and_a_list(captioner, checkpoint, tmp_path) -> None:
+    result = captioner(_image(), max_new_tokens=4)
+    assert isinstance(result, list) and len(result) == 1 and isinstance(result[0]["generated_text"], str)
+    path = tmp_path / "image.png"
+    _image().save(path)
+    assert captioner(str(path), max_new_tokens=4)[0]["generated_text"] == result[0]["generated_text"]
+    batch = captioner([_image(), str(path), _image((0, 0, 255))], max_new_tokens=4, batch_size=2)
+    assert len(batch) == 3 and all(len(item) == 1 for item in batch)
+    assert batch[0][0]["generated_text"] == result[0]["generated_text"]
+
+
+def test_prompt_and_max_new_tokens(captioner) -> None:
+    prompted = captioner(_image(), text="a photo of", max_new_tokens=2)[0]["generated_text"]
+    assert prompted.startswith("a photo of")
+    lengths = [
+        len(
+            captioner(_image(), max_new_tokens=n, generate_kwargs={"min_new_tokens": n}, return_tensors=True)[0][
+                "generated_token_ids"
+            ]
+        )
+        for n in (1, 6)
+    ]
+    assert lengths[1] - lengths[0] == 5
+
+
+def test_same_caption_as_calling_the_model(captioner) -> None:
+    model, processor = tiny_checkpoint_parts()
+    inputs = processor(images=_image(), return_tensors="pt")
+    expected = processor.decode_generated(model.generate(**inputs, max_new_tokens=4))[0]
+    assert captioner(_image(), max_new_tokens=4)[0]["generated_text"].strip() == expected
+
+
+def test_without_remote_code_pipeline_class_works_and_plain_call_says_what_to_do(checkpoint) -> None:
+    plain = pipeline("image-to-text", model=str(checkpoint), pipeline_class=Blip2ImageToTextPipeline)
+    assert isinstance(plain(_image(), max_new_tokens=2)[0]["generated_text"], str)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        pipeline("image-to-text", model=str(checkpoint))
+
+
+def test_visual_question_answering(checkpoint) -> None:
+    vqa = pipeline("visual-question-answering", model=str(checkpoint), trust_remote_code=True)
+    answer = vqa(_image(), question="what color is it?", max_new_tokens=3)
+    assert list(answer[0]) == ["answer"] and isinstance(answer[0]["answer"], str)
+    answers = vqa([_image(), _image()], question=["what is it?", "where?"], max_new_tokens=2)
+    assert len(answers) == 2
+    with pytest.raises(ValueError, match="question 0 is empty"):
+        vqa(_image(), question="  ")
+
+
+def test_image_text_to_text(checkpoint) -> None:
+    pipe = pipeline("image-text-to-text", model=str(checkpoint))
+    assert pipe(images=_image(), text="a photo of", max_new_tokens=2)[0]["generated_text"].startswith("a photo of")
+
+
+def test_bad_pipeline_inputs(captioner, tmp_path) -> None:
+    with pytest.raises(ValueError, match="got None"):
+        captioner(None)
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("hello")
+    with pytest.raises(ValueError, match="is not a readable image"):
+        captioner(str(text_file))
+    with pytest.raises(ValueError, match="empty list"):
+        captioner([])
+    with pytest.raises(ValueError, match="non-empty image"):
+        captioner(Image.new("RGB", (0, 3)))
+    with pytest.raises(ValueError, match="could not fetch the image"):
+        captioner("http://127.0.0.1:9/image.png", timeout=2)
+    with pytest.raises(ValueError, match="got 2 images but 3 texts"):
+        captioner([_image(), _image()], text=["a", "b", "c"])
+    assert captioner(Image.new("RGB", (1, 1)), max_new_tokens=1)  # 1x1 is fine
+
+
+def test_processor_with_another_query_count_is_refused(checkpoint) -> None:
+    processor = Blip2ImageTextProcessor.from_pretrained(checkpoint)
+    mismatched = Blip2ImageTextProcessor(blip2_image_processor(28), processor.tokenizer, num_query_tokens=8)
+    with pytest.raises(ValueError, match="inserts 8 image tokens per prompt but the model has num_query_tokens=4"):
+        pipeline("image-to-text", model=str(checkpoint), processor=mismatched, trust_remote_code=True)
+
+
+def test_pipeline_code_files_hold_everything_the_pipelines_import() -> None:
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from modeling_blip2.modeling import PIPELINE_CODE_FILES
+
+    package = Path(__file__).resolve().parents[1] / "modeling_blip2"
+    needed = {Path(path).name for path in get_relative_import_files(str(package / "pipelines.py"))}
+    assert needed | {"pipelines.py"} == set(PIPELINE_CODE_FILES)

@@ -84,6 +84,7 @@ def qformer(encoder_hidden_size: int, with_text: bool) -> Blip2QFormerConfig:
         cross_attention_frequency=2,
         encoder_hidden_size=encoder_hidden_size,
         use_qformer_text_input=with_text,
+        bos_token_id=QFORMER_VOCAB_WITH_DEC - 1 if with_text else None,  # [DEC], the last id
     )
 
 
@@ -363,6 +364,7 @@ def tiny_random(tokenizer: PreTrainedTokenizerFast) -> tuple[Blip2Config, Genera
         intermediate_size=64,
         max_position_embeddings=64,
         use_qformer_text_input=True,
+        bos_token_id=127,  # the last id stands for [DEC]
     )
     text = OPTConfig(
         vocab_size=len(tokenizer),

@@ -135,6 +135,8 @@ class Blip2QFormerConfig(_ReadsOfficialConfigs, PreTrainedConfig):
             config and 1408 (EVA ViT-g) for a stand-alone Q-Former.
         use_qformer_text_input: Whether the layers have the text feed-forward path (needed for stage-1 training,
             retrieval and question-conditioned queries).
+        bos_token_id: Id of `[DEC]`, the start token of image-grounded text generation (30522 with the official
+            BERT vocabulary plus `[DEC]`).
     """
 
     model_type = "modeling_blip2_qformer"
@@ -156,6 +158,7 @@ class Blip2QFormerConfig(_ReadsOfficialConfigs, PreTrainedConfig):
     cross_attention_frequency: int = 2
     encoder_hidden_size: int | None = None
     use_qformer_text_input: bool = False
+    bos_token_id: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         # Stock configs carry a `position_embedding_type` that only ever held "absolute".
@@ -189,6 +192,8 @@ class Blip2Config(_ReadsOfficialConfigs, PreTrainedConfig):
         image_token_index: Id of the `<image>` placeholder token in the LLM vocabulary, if the tokenizer has one.
         initializer_factor: Kept for compatibility with stock configs.
         initializer_range: Standard deviation for the weights owned by the composite model (projection, heads).
+        tie_word_embeddings: Tie the Q-Former LM head (ITG) decoder to the Q-Former word embeddings, as BERT and
+            LAVIS do (stage-1 models). The LLM's own tying follows its `text_config`.
     """
 
     model_type = "modeling_blip2"
@@ -208,6 +213,7 @@ class Blip2Config(_ReadsOfficialConfigs, PreTrainedConfig):
     image_token_index: int | None = None
     initializer_factor: float = 1.0
     initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         # Derived from the LLM below; stock configs store them.

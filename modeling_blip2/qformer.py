@@ -197,3 +197,29 @@ class Blip2TextEmbeddings(nn.Module):
         if query_embeds is not None:
             embeddings = torch.cat([query_embeds.to(embeddings.dtype), embeddings], dim=1)
         return embeddings
+
+
+class Blip2QFormerPredictionTransform(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.activation(self.dense(hidden_states)))
+
+
+class Blip2QFormerLMHead(nn.Module):
+    """BERT's prediction head over the Q-Former text outputs (the ITG head): transform, then vocabulary logits.
+
+    The decoder weight is tied to the Q-Former word embeddings by the model that owns both.
+    """
+
+    def __init__(self, config: Blip2QFormerConfig) -> None:
+        super().__init__()
+        self.transform = Blip2QFormerPredictionTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))  # (B, T, vocab)

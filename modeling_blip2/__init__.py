@@ -7,7 +7,9 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageTextToText,
+    AutoModelForPreTraining,
     AutoModelForVisualQuestionAnswering,
+    AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
 
@@ -22,6 +24,7 @@ from .modeling import (
     Blip2VisionModel,
 )
 from .pipelines import Blip2ImageToTextPipeline, Blip2VisualQuestionAnsweringPipeline
+from .pretraining import Blip2ForImageTextRetrieval, Blip2ForPretraining
 from .processing import Blip2ImageTextProcessor, blip2_image_processor, load_qformer_tokenizer, to_rgb_image
 from .qformer import ATTENTION_TYPES, Blip2TextEmbeddings, build_qformer_attention_mask
 from .remote_code import add_remote_code, save_with_remote_code
@@ -42,6 +45,8 @@ def register_auto_classes() -> None:
     AutoModel.register(Blip2QFormerConfig, Blip2QFormerModel, exist_ok=True)
     AutoModelForImageTextToText.register(Blip2Config, Blip2ForConditionalGeneration, exist_ok=True)
     AutoModelForVisualQuestionAnswering.register(Blip2Config, Blip2ForConditionalGeneration, exist_ok=True)
+    AutoModelForPreTraining.register(Blip2Config, Blip2ForPretraining, exist_ok=True)
+    AutoModelForZeroShotImageClassification.register(Blip2Config, Blip2ForImageTextRetrieval, exist_ok=True)
     AutoProcessor.register(Blip2Config, Blip2ImageTextProcessor, exist_ok=True)
 
 
@@ -53,6 +58,8 @@ __all__ = [
     "Blip2Config",
     "Blip2ConditionalGenerationOutput",
     "Blip2ForConditionalGeneration",
+    "Blip2ForImageTextRetrieval",
+    "Blip2ForPretraining",
     "Blip2ImageEncodingOutput",
     "Blip2ImageTextProcessor",
     "Blip2ImageToTextPipeline",

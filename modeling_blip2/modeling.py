@@ -309,18 +309,14 @@ class Blip2VisionModel(Blip2PreTrainedModel):
         `pooler_output` is the (post-LayerNorm) class token. Images of another size than `config.image_size` need
         `interpolate_pos_encoding=True`.
         """
-        self._check_pixel_values(pixel_values)
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
         output_hidden_states = bool(
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        if self.config.vision_architecture == "clip":
-            hidden_states = self.pre_layernorm(hidden_states)
-        hidden_states, all_hidden_states, all_attentions = self.encoder(
-            hidden_states, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        hidden_states, all_hidden_states, all_attentions = self._encode(
+            pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
         )
-        last_hidden_state = self.post_layernorm(hidden_states.to(self.post_layernorm.weight.dtype))
+        last_hidden_state = self.apply_post_layernorm(hidden_states)
         output = BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=last_hidden_state[:, 0],
@@ -328,6 +324,33 @@ class Blip2VisionModel(Blip2PreTrainedModel):
             attentions=all_attentions,
         )
         return output if _wants_dict(return_dict, self.config) else output.to_tuple()
+
+    def forward_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Encoder output *before* the post-encoder LayerNorm, `(batch, 1 + num_patches, hidden)`.
+
+        This is all a frozen encoder contributes, so it is what a feature cache stores; the post-LayerNorm stays
+        trainable and is applied by `apply_post_layernorm`. `forward` == `apply_post_layernorm(forward_features)`.
+        """
+        return self._encode(pixel_values, interpolate_pos_encoding, False, False)[0]
+
+    def apply_post_layernorm(self, features: torch.Tensor) -> torch.Tensor:
+        """The post-encoder LayerNorm (LAVIS `ln_vision`), in its own (fp32) dtype."""
+        return self.post_layernorm(features.to(self.post_layernorm.weight.dtype))
+
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool,
+        output_hidden_states: bool,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        self._check_pixel_values(pixel_values)
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if self.config.vision_architecture == "clip":
+            hidden_states = self.pre_layernorm(hidden_states)
+        return self.encoder(
+            hidden_states, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
 
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> None:
         if pixel_values is None:

@@ -12,9 +12,11 @@ from typing import Any
 MODULE_FILES = (
     "attention.py",
     "configuration.py",
+    "losses.py",
     "model_card.py",
     "modeling.py",
     "pipelines.py",
+    "pretraining.py",
     "processing.py",
     "qformer.py",
     "vision.py",
@@ -24,6 +26,8 @@ MODEL_AUTO_MAP = {
     "AutoModel": "modeling.Blip2Model",
     "AutoModelForImageTextToText": "modeling.Blip2ForConditionalGeneration",
     "AutoModelForVisualQuestionAnswering": "modeling.Blip2ForConditionalGeneration",
+    "AutoModelForPreTraining": "pretraining.Blip2ForPretraining",
+    "AutoModelForZeroShotImageClassification": "pretraining.Blip2ForImageTextRetrieval",
 }
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing.Blip2ImageTextProcessor"}
 

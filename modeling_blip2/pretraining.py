@@ -1,0 +1,464 @@
+"""Stage-1 models: representation learning against a frozen image encoder (ITC, ITM, ITG) and retrieval.
+
+State-dict keys: `Blip2ForImageTextRetrieval` has those of the official `blip2-itm-vit-g` checkpoints;
+`Blip2ForPretraining` adds the temperature `temp` and the Q-Former LM head `qformer_lm_head.*`, which stock
+transformers drops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions
+from transformers.utils import ModelOutput
+
+from .configuration import Blip2Config
+from .losses import (
+    Stage1Losses,
+    gather_no_grad,
+    gather_with_grad,
+    itc_loss,
+    itg_inputs_and_labels,
+    itg_loss,
+    itm_loss,
+    rank_and_world_size,
+    sample_hard_negatives,
+)
+from .modeling import Blip2PreTrainedModel, Blip2QFormerModel, Blip2VisionModel
+from .qformer import Blip2QFormerLMHead, Blip2TextEmbeddings
+
+STAGE1_LOSSES = ("itc", "itm", "itg")
+# LAVIS initialises the temperature at 0.07 and clamps it; out of this range the contrastive loss degenerates.
+TEMPERATURE_INIT = 0.07
+TEMPERATURE_RANGE = (0.001, 0.5)
+
+
+@dataclass
+class Blip2ImageTextMatchingOutput(ModelOutput):
+    """Output of `Blip2ForImageTextRetrieval` (field names as transformers' class).
+
+    Args:
+        loss: Unused (always None); stage-1 losses live in `Blip2ForPretraining`.
+        logits_per_image: ITC mode: `(num_images, num_texts)` cosine similarities (max over queries). ITM mode:
+            `(batch, 2)` logits of (no match, match) for each image-text pair.
+        logits_per_text: The transpose of `logits_per_image`.
+        text_embeds: ITC mode: `(num_texts, embed_dim)` normalised text embeddings. ITM mode: `(batch, Q + T,
+            hidden)` Q-Former outputs of the pair.
+        image_embeds: ITC mode: `(num_images, num_query_tokens, embed_dim)` normalised query embeddings. ITM mode:
+            `(batch, 1 + num_patches, vision_hidden)` image features.
+        text_model_output: The Q-Former output.
+        vision_model_output: The vision model output.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPoolingAndCrossAttentions | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in self.values())
+
+
+@dataclass
+class Blip2PretrainingOutput(ModelOutput):
+    """Output of `Blip2ForPretraining.forward`.
+
+    Args:
+        loss: Scalar sum of the computed terms (the paper's total); `Blip2Trainer` re-weights the terms itself.
+        loss_itc, loss_itm, loss_itg: Scalar loss terms (None when not computed).
+        image_features: `(batch, num_query_tokens, embed_dim)` L2-normalised projected query outputs.
+        text_features: `(batch, embed_dim)` L2-normalised projected `[CLS]` outputs.
+        similarity_image_to_text: `(batch, global_batch)` local images against all ranks' texts, over `temp`.
+        similarity_text_to_image: `(batch, global_batch)` local texts against all ranks' images, over `temp`.
+        itm_logits: `(3 * batch, 2)` for `[positives; (hard negative image, text); (image, hard negative text)]`.
+        itg_logits: `(batch, text_length, qformer_vocab)` next-token logits of image-grounded generation.
+        temperature: The clamped temperature used.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    loss_itg: torch.FloatTensor | None = None
+    image_features: torch.FloatTensor | None = None
+    text_features: torch.FloatTensor | None = None
+    similarity_image_to_text: torch.FloatTensor | None = None
+    similarity_text_to_image: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    itg_logits: torch.FloatTensor | None = None
+    temperature: torch.FloatTensor | None = None
+
+
+class _Blip2Stage1Model(Blip2PreTrainedModel):
+    """Frozen-encoder side of BLIP-2: vision encoder, queries, Q-Former with text input, ITC projections, ITM head."""
+
+    def __init__(self, config: Blip2Config) -> None:
+        if not config.qformer_config.use_qformer_text_input:
+            raise ValueError(
+                f"{type(self).__name__} reads text with the Q-Former: set qformer_config.use_qformer_text_input=True"
+            )
+        super().__init__(config)
+        hidden = config.qformer_config.hidden_size
+        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, hidden))
+        self.embeddings = Blip2TextEmbeddings(config.qformer_config)
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        self.vision_projection = nn.Linear(hidden, config.image_text_hidden_size)
+        self.text_projection = nn.Linear(hidden, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(hidden, 2)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.word_embeddings = value
+
+    # -- building blocks, shared by the losses, retrieval and the evaluator ---------------------------------------
+    def image_embeddings(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        frozen_image_features: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        """`(B, 1 + num_patches, vision_hidden)` post-LayerNorm image features, from pixels or cached features.
+
+        `frozen_image_features` are `vision_model.forward_features(pixel_values)` (the frozen encoder's output before
+        the trainable post-LayerNorm), e.g. from a feature cache.
+        """
+        if (pixel_values is None) == (frozen_image_features is None):
+            raise ValueError("pass exactly one of pixel_values and frozen_image_features")
+        if frozen_image_features is None:
+            frozen_image_features = self.vision_model.forward_features(pixel_values, interpolate_pos_encoding)
+        elif (
+            frozen_image_features.dim() != 3
+            or frozen_image_features.shape[-1] != self.config.vision_config.hidden_size
+        ):
+            raise ValueError(
+                "frozen_image_features must be (batch, tokens, vision hidden size "
+                f"{self.config.vision_config.hidden_size}), got {tuple(frozen_image_features.shape)}"
+            )
+        return self.vision_model.apply_post_layernorm(frozen_image_features)
+
+    def query_outputs(self, image_embeds: torch.Tensor) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        """The queries after the Q-Former, cross-attending to `image_embeds`: `(B, num_query_tokens, hidden)`."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(queries, encoder_hidden_states=image_embeds, return_dict=True)
+
+    def project_image(self, query_output: torch.Tensor) -> torch.Tensor:
+        """`(B, Q, hidden)` -> `(B, Q, embed_dim)` L2-normalised contrastive image embeddings."""
+        return F.normalize(self.vision_projection(query_output.to(self.vision_projection.weight.dtype)), dim=-1)
+
+    def text_outputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        """The text alone through the Q-Former (the unimodal text pass): `(B, T, hidden)`."""
+        return self.qformer(
+            self.embeddings(input_ids), query_length=0, attention_mask=attention_mask, return_dict=True
+        )
+
+    def project_text(self, text_output: torch.Tensor) -> torch.Tensor:
+        """`(B, T, hidden)` -> `(B, embed_dim)` L2-normalised contrastive embedding of the `[CLS]` position."""
+        return F.normalize(self.text_projection(text_output[:, 0].to(self.text_projection.weight.dtype)), dim=-1)
+
+    def matching_outputs(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPoolingAndCrossAttentions]:
+        """ITM: `[queries; text]` with the bidirectional mask, queries cross-attending to the image.
+
+        Returns the `(B, 2)` logits (the ITM head averaged over the query outputs) and the Q-Former output.
+        """
+        batch, num_queries = input_ids.shape[0], self.config.num_query_tokens
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        queries = self.query_tokens.expand(batch, -1, -1)
+        mask = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1)
+        outputs = self.qformer(
+            self.embeddings(input_ids, query_embeds=queries),
+            query_length=num_queries,
+            attention_mask=mask,
+            encoder_hidden_states=image_embeds,
+            attention_type="bidirectional",
+            return_dict=True,
+        )
+        query_part = outputs.last_hidden_state[:, :num_queries].to(self.itm_head.weight.dtype)
+        return self.itm_head(query_part).mean(dim=1), outputs
+
+    # -- public feature API ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """`(B, num_query_tokens, embed_dim)` normalised contrastive image embeddings."""
+        image_embeds = self.image_embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self.project_image(self.query_outputs(image_embeds).last_hidden_state)
+
+    @torch.no_grad()
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`(B, embed_dim)` normalised contrastive text embeddings."""
+        return self.project_text(self.text_outputs(input_ids, attention_mask).last_hidden_state)
+
+    def _strip_image_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drops `num_query_tokens` leading `<image>` placeholders (the stock processor's layout), if present."""
+        image_token, num_queries = self.config.image_token_index, self.config.num_query_tokens
+        if image_token is None or input_ids.shape[1] < num_queries:
+            return input_ids, attention_mask
+        if bool((input_ids[:, :num_queries] == image_token).all()):
+            input_ids = input_ids[:, num_queries:]
+            attention_mask = None if attention_mask is None else attention_mask[:, num_queries:]
+        return input_ids, attention_mask
+
+
+class Blip2ForImageTextRetrieval(_Blip2Stage1Model):
+    """Image-text retrieval and matching (the layout of the official `blip2-itm-vit-g` checkpoints).
+
+    `use_image_text_matching_head=False` scores every image against every text by ITC cosine similarity;
+    `True` scores each image-text pair with the ITM head. See `retrieval.evaluate_retrieval` for ITC + top-k ITM
+    reranking.
+    """
+
+    def __init__(self, config: Blip2Config) -> None:
+        super().__init__(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        use_image_text_matching_head: bool = False,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Blip2ImageTextMatchingOutput | tuple:
+        """Scores images against texts.
+
+        Args:
+            pixel_values: `(num_images, 3, H, W)`.
+            input_ids: `(num_texts, T)` Q-Former (BERT) token ids; for ITM, one text per image.
+            attention_mask: `(num_texts, T)`.
+            use_image_text_matching_head: ITM pair scores instead of ITC all-pairs similarities.
+        """
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        image_embeds = vision_outputs.last_hidden_state
+        input_ids, attention_mask = self._strip_image_tokens(input_ids, attention_mask)
+        if use_image_text_matching_head:
+            if input_ids.shape[0] != image_embeds.shape[0]:
+                raise ValueError(
+                    f"image-text matching scores pairs: got {image_embeds.shape[0]} images, {input_ids.shape[0]} texts"
+                )
+            logits, text_outputs = self.matching_outputs(image_embeds, input_ids, attention_mask)
+            output = Blip2ImageTextMatchingOutput(
+                logits_per_image=logits,
+                logits_per_text=logits.t(),
+                text_embeds=text_outputs.last_hidden_state,
+                image_embeds=image_embeds,
+                text_model_output=text_outputs,
+                vision_model_output=vision_outputs,
+            )
+        else:
+            image_features = self.project_image(self.query_outputs(image_embeds).last_hidden_state)
+            text_outputs = self.text_outputs(input_ids, attention_mask)
+            text_features = self.project_text(text_outputs.last_hidden_state)
+            # (I, Q, E) x (E, T) -> (I, Q, T): the best-matching query decides.
+            logits_per_image = torch.matmul(image_features, text_features.t()).max(dim=1).values
+            output = Blip2ImageTextMatchingOutput(
+                logits_per_image=logits_per_image,
+                logits_per_text=logits_per_image.t(),
+                text_embeds=text_features,
+                image_embeds=image_features,
+                text_model_output=text_outputs,
+                vision_model_output=vision_outputs,
+            )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class Blip2ForPretraining(_Blip2Stage1Model):
+    """Stage 1 of BLIP-2: the Q-Former learns from a frozen image encoder with ITC, ITM and ITG.
+
+    Adds to the retrieval layout the learnable temperature `temp` and the Q-Former LM head (ITG), whose decoder is
+    tied to the Q-Former word embeddings. `generate` captions images through the ITG head.
+    """
+
+    _tied_weights_keys = {"qformer_lm_head.decoder.weight": "embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: Blip2Config) -> None:
+        super().__init__(config)
+        self.temp = nn.Parameter(torch.tensor(TEMPERATURE_INIT))
+        self.qformer_lm_head = Blip2QFormerLMHead(config.qformer_config)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:
+            init.constant_(self.temp, TEMPERATURE_INIT)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.qformer_lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.qformer_lm_head.decoder = new_embeddings
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """`temp` clamped to its working range (the gradient stops at the bounds)."""
+        return self.temp.clamp(*TEMPERATURE_RANGE)
+
+    def itg_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ITG: `[queries; text]` with the multimodal causal mask -> `(B, T, vocab)` next-token logits for the text."""
+        batch, num_queries = input_ids.shape[0], self.config.num_query_tokens
+        queries = self.query_tokens.expand(batch, -1, -1)
+        mask = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1)
+        outputs = self.qformer(
+            self.embeddings(input_ids, query_embeds=queries),
+            query_length=num_queries,
+            attention_mask=mask,
+            encoder_hidden_states=image_embeds,
+            attention_type="multimodal_causal",
+            return_dict=True,
+        )
+        return self.qformer_lm_head(outputs.last_hidden_state[:, num_queries:])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        frozen_image_features: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        losses: tuple[str, ...] = STAGE1_LOSSES,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Blip2PretrainingOutput | tuple:
+        """Computes the stage-1 losses on a batch of image-text pairs.
+
+        Args:
+            input_ids: `(B, T)` Q-Former (BERT) token ids starting with `[CLS]`; `[DEC]` replaces it for ITG.
+            attention_mask: `(B, T)` padding mask.
+            pixel_values: `(B, 3, H, W)` images, or instead
+            frozen_image_features: `(B, 1 + num_patches, vision_hidden)` cached `vision_model.forward_features`.
+            image_ids: `(B,)` ids of the images; captions of the same image are positives of each other (soft ITC
+                targets, never drawn as ITM negatives).
+            losses: Which of `"itc"`, `"itm"`, `"itg"` to compute (ITM needs ITC's similarities).
+        """
+        unknown = set(losses) - set(STAGE1_LOSSES)
+        if unknown or not losses:
+            raise ValueError(f"losses must be a non-empty subset of {STAGE1_LOSSES}, got {losses}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_embeds = self.image_embeddings(pixel_values, frozen_image_features, interpolate_pos_encoding)
+        batch = image_embeds.shape[0]
+        if input_ids.shape[0] != batch:
+            raise ValueError(f"got {batch} images but {input_ids.shape[0]} texts: stage 1 trains on image-text pairs")
+        if image_ids is not None and tuple(image_ids.shape) != (batch,):
+            raise ValueError(f"image_ids must have one id per image, shape ({batch},); got {tuple(image_ids.shape)}")
+
+        temperature = self.temperature
+        output = Blip2PretrainingOutput(temperature=temperature)
+        if "itc" in losses or "itm" in losses:
+            output.image_features = self.project_image(self.query_outputs(image_embeds).last_hidden_state)
+            output.text_features = self.project_text(self.text_outputs(input_ids, attention_mask).last_hidden_state)
+            itc = itc_loss(output.image_features, output.text_features, temperature, image_ids=image_ids)
+            output.similarity_image_to_text = itc.similarity_image_to_text
+            output.similarity_text_to_image = itc.similarity_text_to_image
+            if "itc" in losses:
+                output.loss_itc = itc.loss
+        if "itm" in losses:
+            output.itm_logits = self._itm_logits_with_hard_negatives(
+                image_embeds, input_ids, attention_mask, image_ids, output
+            )
+            output.loss_itm = itm_loss(output.itm_logits)
+        if "itg" in losses:
+            decoder_input_ids, labels = itg_inputs_and_labels(
+                input_ids, attention_mask, self._decoder_start_token_id(), self.config.qformer_config.pad_token_id or 0
+            )
+            output.itg_logits = self.itg_logits(image_embeds, decoder_input_ids, attention_mask)
+            output.loss_itg = itg_loss(output.itg_logits, labels)
+        output.loss = Stage1Losses.combine(output.loss_itc, output.loss_itm, output.loss_itg).loss
+        return output if return_dict is not False else output.to_tuple()
+
+    def _itm_logits_with_hard_negatives(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor | None,
+        itc: Blip2PretrainingOutput,
+    ) -> torch.Tensor:
+        """`[positives; (hard negative image, text); (image, hard negative text)]` -> `(3B, 2)` ITM logits.
+
+        Negatives come from every rank's batch: images are gathered with their gradient, texts without.
+        """
+        negative_image, negative_text = sample_hard_negatives(
+            itc.similarity_image_to_text, itc.similarity_text_to_image, image_ids
+        )
+        _, world_size = rank_and_world_size()
+        all_images = gather_with_grad(image_embeds) if world_size > 1 else image_embeds
+        all_ids = gather_no_grad(input_ids) if world_size > 1 else input_ids
+        all_masks = gather_no_grad(attention_mask) if world_size > 1 else attention_mask
+        images = torch.cat([image_embeds, all_images[negative_image], image_embeds])  # (3B, S, D)
+        texts = torch.cat([input_ids, input_ids, all_ids[negative_text]])  # (3B, T)
+        masks = torch.cat([attention_mask, attention_mask, all_masks[negative_text]])
+        return self.matching_outputs(images, texts, masks)[0]
+
+    def _decoder_start_token_id(self) -> int:
+        start = self.config.qformer_config.bos_token_id
+        if start is None:
+            raise ValueError(
+                "image-grounded generation starts from [DEC], but qformer_config.bos_token_id is not set: add [DEC] "
+                "to the Q-Former tokenizer (load_qformer_tokenizer) and set its id in the config"
+            )
+        return start
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        frozen_image_features: torch.Tensor | None = None,
+        max_new_tokens: int = 30,
+        eos_token_id: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.LongTensor:
+        """Captions images through the ITG head (Q-Former only, no LLM): `(B, 1 + n)` ids starting with `[DEC]`.
+
+        Greedy by default; `do_sample=True` samples (with `temperature` and `top_k`). Rows that produced
+        `eos_token_id` (BERT's `[SEP]`) are padded from then on.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        image_embeds = self.image_embeddings(pixel_values, frozen_image_features)
+        batch = image_embeds.shape[0]
+        pad = self.config.qformer_config.pad_token_id or 0
+        ids = torch.full((batch, 1), self._decoder_start_token_id(), dtype=torch.long, device=image_embeds.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+        for _ in range(min(max_new_tokens, self.config.qformer_config.max_position_embeddings - 1)):
+            logits = self.itg_logits(image_embeds, ids, torch.ones_like(ids))[:, -1].float()  # (B, vocab)
+            if do_sample:
+                logits = logits / temperature
+                if top_k is not None:
+                    threshold = logits.topk(top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < threshold, float("-inf"))
+                next_ids = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                next_ids = logits.argmax(dim=-1)
+            next_ids = next_ids.masked_fill(finished, pad)
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            if eos_token_id is not None:
+                finished |= next_ids == eos_token_id
+                if bool(finished.all()):
+                    break
+        return ids

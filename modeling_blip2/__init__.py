@@ -14,6 +14,8 @@ from transformers import (
 )
 
 from .configuration import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from .handoff import HandoffReport, build_stage2_from_stage1, load_stage1_into, stage2_state_dict_from_stage1
+from .initialization import InitReport, init_qformer_from_bert, qformer_config_from_bert
 from .modeling import (
     Blip2ConditionalGenerationOutput,
     Blip2ForConditionalGeneration,
@@ -28,8 +30,26 @@ from .pretraining import Blip2ForImageTextRetrieval, Blip2ForPretraining
 from .processing import Blip2ImageTextProcessor, blip2_image_processor, load_qformer_tokenizer, to_rgb_image
 from .qformer import ATTENTION_TYPES, Blip2TextEmbeddings, build_qformer_attention_mask
 from .remote_code import add_remote_code, save_with_remote_code
+from .retrieval import RetrievalResult, evaluate_retrieval, recall_at_k, zero_shot_classify, zero_shot_classify_texts
 
 __version__ = "0.1.0"
+
+# Training classes import transformers' Trainer (and accelerate): loaded on first use, not with the package.
+_LAZY_TRAINING_NAMES = (
+    "Blip2ImageTextCollator",
+    "Blip2Trainer",
+    "Blip2TrainingArguments",
+    "FrozenFeatureDataset",
+    "RandomResizedCropFlip",
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY_TRAINING_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register_auto_classes() -> None:
@@ -54,13 +74,13 @@ register_auto_classes()
 
 __all__ = [
     "ATTENTION_TYPES",
-    "add_remote_code",
-    "Blip2Config",
     "Blip2ConditionalGenerationOutput",
+    "Blip2Config",
     "Blip2ForConditionalGeneration",
     "Blip2ForImageTextRetrieval",
     "Blip2ForPretraining",
     "Blip2ImageEncodingOutput",
+    "Blip2ImageTextCollator",
     "Blip2ImageTextProcessor",
     "Blip2ImageToTextPipeline",
     "Blip2Model",
@@ -68,13 +88,30 @@ __all__ = [
     "Blip2QFormerConfig",
     "Blip2QFormerModel",
     "Blip2TextEmbeddings",
+    "Blip2Trainer",
+    "Blip2TrainingArguments",
     "Blip2VisionConfig",
     "Blip2VisionModel",
     "Blip2VisualQuestionAnsweringPipeline",
+    "FrozenFeatureDataset",
+    "HandoffReport",
+    "InitReport",
+    "RandomResizedCropFlip",
+    "RetrievalResult",
+    "add_remote_code",
     "blip2_image_processor",
     "build_qformer_attention_mask",
+    "build_stage2_from_stage1",
+    "evaluate_retrieval",
+    "init_qformer_from_bert",
     "load_qformer_tokenizer",
+    "load_stage1_into",
+    "qformer_config_from_bert",
+    "recall_at_k",
     "register_auto_classes",
     "save_with_remote_code",
+    "stage2_state_dict_from_stage1",
     "to_rgb_image",
+    "zero_shot_classify",
+    "zero_shot_classify_texts",
 ]

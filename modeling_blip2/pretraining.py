@@ -287,6 +287,8 @@ class Blip2ForPretraining(_Blip2Stage1Model):
     """
 
     _tied_weights_keys = {"qformer_lm_head.decoder.weight": "embeddings.word_embeddings.weight"}
+    # The stage-1 terms are batch means: Trainer must divide them by the gradient-accumulation steps itself.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: Blip2Config) -> None:
         super().__init__(config)

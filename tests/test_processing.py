@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import TINY_RANDOM, tiny_checkpoint_parts
+from tiny import TINY_RANDOM, tiny_checkpoint_parts, tiny_qformer_tokenizer
 from transformers import AutoTokenizer, BertTokenizerFast
 
 from modeling_blip2 import Blip2ImageTextProcessor, blip2_image_processor, to_rgb_image
-from modeling_blip2.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, QFORMER_START_TOKEN, with_qformer_start_token
+from modeling_blip2.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, QFORMER_START_TOKEN
 
 QUERIES = 4
 
@@ -23,10 +23,7 @@ def processor() -> Blip2ImageTextProcessor:
 
 
 def _bert_tokenizer(tmp_path) -> BertTokenizerFast:
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "what", "is", "this", "?"]
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(words) + "\n")
-    return with_qformer_start_token(BertTokenizerFast(vocab_file=str(vocab)))
+    return tiny_qformer_tokenizer()
 
 
 def test_image_modes_become_rgb() -> None:

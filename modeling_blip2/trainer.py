@@ -19,9 +19,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
+from .pretraining import Blip2ForPretraining
 from .processing import QFORMER_START_TOKEN, to_rgb_image
 
 LOSS_NAMES = ("itc", "itm", "itg")
+IGNORE_LABEL = -100
 # Parameters that never get weight decay besides biases and norms (ndim <= 1): the contrastive temperature.
 NO_DECAY_NAMES = ("temp",)
 
@@ -80,6 +82,9 @@ class Blip2Trainer(Trainer):
     - Frozen parts: the image encoder is frozen when `args.freeze_vision_encoder` (post-LayerNorm trainable) and
       frozen modules stay in eval mode under `model.train()`.
     - Gradient accumulation: the terms are batch means, so each micro-batch loss is divided by the accumulation steps.
+
+    Stage-2 and fine-tuning models (`Blip2ForConditionalGeneration`) train on their LLM loss, with the same
+    optimiser policy; `Blip2CaptionCollator` builds their batches.
     """
 
     def __init__(self, model: nn.Module | None = None, args: Blip2TrainingArguments | None = None, **kwargs: Any):
@@ -99,6 +104,9 @@ class Blip2Trainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if not _is_stage1(model):
+            # Stage 2 / fine-tuning: the LLM's own loss (token-normalised across accumulation steps by Trainer).
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         weights = self.args.loss_weights
         enabled = tuple(name for name in LOSS_NAMES if weights[name] > 0)
         outputs = model(**inputs, losses=enabled)
@@ -133,6 +141,14 @@ class Blip2Trainer(Trainer):
             optimizer_kwargs.pop("lr", None)  # every group carries its own
             self.optimizer = optimizer_class(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+
+def _is_stage1(model: nn.Module) -> bool:
+    """Whether `model` (possibly wrapped by DDP / PEFT) computes the stage-1 terms."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP and friends
+        model = model.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(base, Blip2ForPretraining)
 
 
 def parameter_groups(
@@ -368,3 +384,120 @@ class FrozenFeatureDataset(Dataset):
         example = {key: value for key, value in self.dataset[index].items() if key != self.image_column}
         example["frozen_image_features"] = self.features[self.feature_index[index]]
         return example
+
+
+class Blip2CaptionCollator:
+    """Batches image-caption pairs for stage 2 and caption fine-tuning (`Blip2ForConditionalGeneration`).
+
+    Decoder-only LLMs (LM loss): `[<image> x Q] + prompt + caption + end token`, labels -100 on the image tokens, the
+    prompt and padding, right padding. The end token defaults to the LLM's `eos_token_id` ("\n" in the official OPT
+    checkpoints), appended by id. Encoder-decoder LLMs (prefix LM): the encoder reads `[<image> x Q] + prompt`, and
+    with `prefix_lm=True` also a random leading part of the caption (split at a word boundary, at least one word
+    left); the decoder target is the rest of the caption.
+
+    Args:
+        processor: A `Blip2ImageTextProcessor` (image processor, LLM tokenizer, `num_query_tokens`).
+        is_encoder_decoder: The LLM family (`model.config.is_encoder_decoder`).
+        eos_token_id: End of caption for decoder-only LLMs (`model.config.text_config.eos_token_id`).
+        prompt: Text before the caption (the paper's fine-tuning prompt is "a photo of").
+        max_length: Longest encoder / decoder-only sequence, image tokens included; captions are truncated (the end
+            token is kept).
+        prefix_lm: Split captions for the encoder-decoder prefix-LM objective (stage 2).
+        augment: The paper's random resized crop + flip.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        is_encoder_decoder: bool,
+        eos_token_id: int | None = None,
+        prompt: str = "",
+        max_length: int = 64,
+        prefix_lm: bool = False,
+        augment: bool = False,
+        image_column: str = "image",
+        text_column: str = "text",
+        seed: int = 0,
+    ) -> None:
+        tokenizer = processor.tokenizer
+        if processor.num_query_tokens is None:
+            raise ValueError("the processor's num_query_tokens is not set")
+        if not is_encoder_decoder and eos_token_id is None:
+            eos_token_id = tokenizer.eos_token_id
+        if not is_encoder_decoder and eos_token_id is None:
+            raise ValueError("decoder-only captions need an end token: pass eos_token_id")
+        if max_length <= processor.num_query_tokens + 1:
+            raise ValueError(
+                f"max_length ({max_length}) leaves no room after {processor.num_query_tokens} image tokens"
+            )
+        self.processor, self.tokenizer = processor, tokenizer
+        self.is_encoder_decoder, self.eos_token_id = is_encoder_decoder, eos_token_id
+        self.prompt, self.max_length, self.prefix_lm = prompt, max_length, prefix_lm
+        self.image_column, self.text_column = image_column, text_column
+        self.rng = random.Random(seed)
+        size = processor.image_processor.size
+        size = size if isinstance(size, int) else size["height"]
+        self.augmentation = RandomResizedCropFlip(int(size), rng=random.Random(seed)) if augment else None
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        captions = []
+        for index, example in enumerate(examples):
+            caption = example.get(self.text_column)
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(
+                    f"example {index} has an empty or missing caption ({self.text_column!r}): {caption!r}"
+                )
+            captions.append(caption.strip())
+        images = [to_rgb_image(example.get(self.image_column)) for example in examples]
+        if self.augmentation is not None:
+            images = [self.augmentation(image) for image in images]
+        batch = {"pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]}
+        rows = [
+            self._encoder_decoder_row(c) if self.is_encoder_decoder else self._decoder_only_row(c) for c in captions
+        ]
+        image_ids = [self.processor.image_token_id] * self.processor.num_query_tokens
+        encoder_rows = [image_ids + row[0] for row in rows]
+        batch["input_ids"], batch["attention_mask"] = _right_pad(encoder_rows, self.pad_id)
+        if self.is_encoder_decoder:
+            batch["labels"], _ = _right_pad([row[1] for row in rows], IGNORE_LABEL)
+        else:
+            labels = [[IGNORE_LABEL] * len(image_ids) + row[1] for row in rows]
+            batch["labels"], _ = _right_pad(labels, IGNORE_LABEL)
+        return batch
+
+    def _decoder_only_row(self, caption: str) -> tuple[list[int], list[int]]:
+        prompt_ids = self.tokenizer(self.prompt, add_special_tokens=True).input_ids if self.prompt else []
+        if not prompt_ids and self.tokenizer.bos_token_id is not None and _adds_bos(self.tokenizer):
+            prompt_ids = [self.tokenizer.bos_token_id]
+        text = f" {caption}" if self.prompt else caption
+        caption_ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        room = self.max_length - self.processor.num_query_tokens - len(prompt_ids) - 1
+        if room < 1:
+            raise ValueError(f"max_length ({self.max_length}) leaves no room for a caption after the prompt")
+        caption_ids = caption_ids[:room] + [self.eos_token_id]
+        return prompt_ids + caption_ids, [IGNORE_LABEL] * len(prompt_ids) + caption_ids
+
+    def _encoder_decoder_row(self, caption: str) -> tuple[list[int], list[int]]:
+        words = caption.split()
+        split = self.rng.randint(0, len(words) - 1) if self.prefix_lm else 0
+        encoder_text = " ".join(part for part in (self.prompt, " ".join(words[:split])) if part)
+        room = self.max_length - self.processor.num_query_tokens
+        encoder_ids = self.tokenizer(encoder_text, truncation=True, max_length=room).input_ids
+        target_ids = self.tokenizer(" ".join(words[split:]), truncation=True, max_length=self.max_length).input_ids
+        return encoder_ids, target_ids
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _right_pad(rows: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [pad_value] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    return ids, mask

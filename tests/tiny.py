@@ -181,3 +181,45 @@ def stage1_config_dict(dec_id: int = len(QFORMER_WORDS)) -> dict:
     config["image_text_hidden_size"] = 16
     config["image_token_index"] = None
     return config
+
+
+def tiny_t5_like_tokenizer():
+    """A word-level tokenizer that behaves like T5's: pad 0, `</s>` 1 appended to every text, `<image>` added."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [
+        "<pad>",
+        "</s>",
+        "<unk>",
+        "a",
+        "photo",
+        "of",
+        "the",
+        "red",
+        "green",
+        "blue",
+        "square",
+        "on",
+        "left",
+        "right",
+        "question",
+        "answer",
+        "short",
+        ":",
+        "what",
+        "is",
+        "it",
+        "?",
+        "cat",
+        "dog",
+        "<image>",
+    ]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer

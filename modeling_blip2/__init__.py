@@ -31,6 +31,7 @@ from .processing import Blip2ImageTextProcessor, blip2_image_processor, load_qfo
 from .qformer import ATTENTION_TYPES, Blip2TextEmbeddings, build_qformer_attention_mask
 from .remote_code import add_remote_code, save_with_remote_code
 from .retrieval import RetrievalResult, evaluate_retrieval, recall_at_k, zero_shot_classify, zero_shot_classify_texts
+from .vqa import normalize_vqa_answer, predict_answers, vqa_accuracy
 
 __version__ = "0.1.0"
 
@@ -74,8 +75,8 @@ def register_auto_classes() -> None:
 register_auto_classes()
 
 __all__ = [
-    "Blip2CaptionCollator",
     "ATTENTION_TYPES",
+    "Blip2CaptionCollator",
     "Blip2ConditionalGenerationOutput",
     "Blip2Config",
     "Blip2ForConditionalGeneration",
@@ -108,12 +109,15 @@ __all__ = [
     "init_qformer_from_bert",
     "load_qformer_tokenizer",
     "load_stage1_into",
+    "normalize_vqa_answer",
+    "predict_answers",
     "qformer_config_from_bert",
     "recall_at_k",
     "register_auto_classes",
     "save_with_remote_code",
     "stage2_state_dict_from_stage1",
     "to_rgb_image",
+    "vqa_accuracy",
     "zero_shot_classify",
     "zero_shot_classify_texts",
 ]

@@ -1,9 +1,10 @@
 """Stage 1 -> stage 2: carry the trained Q-Former, queries and image encoder into a model with an LLM.
 
 Stage 2 keeps what stage 1 trained for the queries: `query_tokens`, the Q-Former (less its text feed-forward when the
-stage-2 Q-Former reads no text), and the vision model, whose post-encoder LayerNorm was trained in stage 1. The
-stage-1 text side and heads (`embeddings`, projections, ITM head, temperature, Q-Former LM head) are dropped; the
-language projection and the LLM are stage 2's own.
+stage-2 Q-Former reads no text), and the vision model, whose post-encoder LayerNorm was trained in stage 1. A stage-2
+Q-Former that reads text (question-conditioned queries) also keeps the Q-Former text embeddings (`embeddings.*`). The
+other stage-1 parts (projections, ITM head, temperature, Q-Former LM head, and `embeddings` when stage 2 reads no
+text) are dropped; the language projection and the LLM are stage 2's own.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .modeling import Blip2ForConditionalGeneration
 
 # Stage-2 keys that stage 1 supplies, and those that stay stage 2's own.
 _CARRIED = re.compile(r"query_tokens|qformer\..+|vision_model\..+")
+_CARRIED_WITH_TEXT = re.compile(r"query_tokens|qformer\..+|vision_model\..+|embeddings\..+")
 _STAGE2_OWN = re.compile(r"(language_projection|language_model)\..+")
 # Stage-1 tensors stage 2 has no place for.
 _STAGE1_ONLY = re.compile(r"embeddings\..+|(vision_projection|text_projection|itm_head|qformer_lm_head)\..+|temp")
@@ -64,10 +66,11 @@ class HandoffReport:
 
     Args:
         state_dict: The carried tensors, keyed as in `Blip2ForConditionalGeneration`.
-        carried_keys: Their keys: `query_tokens`, `qformer.*`, `vision_model.*`.
-        dropped_keys: Stage-1 keys stage 2 has no place for: `embeddings.*`, `vision_projection.*`,
-            `text_projection.*`, `itm_head.*`, `temp`, `qformer_lm_head.*`, and the Q-Former text feed-forward
-            (`qformer.encoder.layer.{i}.intermediate.*` / `.output.*`) when the stage-2 Q-Former reads no text.
+        carried_keys: Their keys: `query_tokens`, `qformer.*`, `vision_model.*` (and `embeddings.*` when the stage-2
+            Q-Former reads text).
+        dropped_keys: Stage-1 keys stage 2 has no place for: `vision_projection.*`, `text_projection.*`,
+            `itm_head.*`, `temp`, `qformer_lm_head.*`, and, when the stage-2 Q-Former reads no text, `embeddings.*`
+            and the Q-Former text feed-forward (`qformer.encoder.layer.{i}.intermediate.*` / `.output.*`).
         left_keys: Stage-2 keys stage 1 does not supply, left as they are: `language_projection.*`,
             `language_model.*`.
     """
@@ -94,6 +97,7 @@ def stage2_state_dict_from_stage1(stage1_state_dict: Mapping[str, torch.Tensor],
     if "query_tokens" not in stage1_state_dict:
         raise ValueError("not a stage-1 state dict: it has no query_tokens")
     qformer_config = config.qformer_config
+    carried = _CARRIED_WITH_TEXT if qformer_config.use_qformer_text_input else _CARRIED
     _, num_queries, width = stage1_state_dict["query_tokens"].shape
     layers = {int(match.group(1)) for key in stage1_state_dict if (match := _QFORMER_LAYER.match(key))}
     for description, stage1_value, stage2_value in (
@@ -111,7 +115,7 @@ def stage2_state_dict_from_stage1(stage1_state_dict: Mapping[str, torch.Tensor],
     report = HandoffReport()
     unexpected, mismatched = [], []
     for key, tensor in stage1_state_dict.items():
-        if key in expected and _CARRIED.fullmatch(key):
+        if key in expected and carried.fullmatch(key):
             if tuple(tensor.shape) != expected[key]:
                 mismatched.append(f"{key}: stage 1 {tuple(tensor.shape)}, stage 2 {expected[key]}")
             report.state_dict[key] = tensor
@@ -122,7 +126,7 @@ def stage2_state_dict_from_stage1(stage1_state_dict: Mapping[str, torch.Tensor],
             report.dropped_keys.append(key)
         else:
             unexpected.append(key)
-    missing = [key for key in expected if _CARRIED.fullmatch(key) and key not in stage1_state_dict]
+    missing = [key for key in expected if carried.fullmatch(key) and key not in stage1_state_dict]
     problems = [
         f"{what}: {_listed(keys)}"
         for what, keys in (
@@ -134,7 +138,7 @@ def stage2_state_dict_from_stage1(stage1_state_dict: Mapping[str, torch.Tensor],
     ]
     if problems:
         raise ValueError("cannot hand the stage-1 checkpoint to stage 2; " + "; ".join(problems))
-    report.left_keys = [key for key in expected if not _CARRIED.fullmatch(key)]
+    report.left_keys = [key for key in expected if not carried.fullmatch(key)]
     foreign = [key for key in report.left_keys if not _STAGE2_OWN.fullmatch(key)]
     if foreign:
         raise ValueError(f"stage-2 tensors neither carried from stage 1 nor stage 2's own: {_listed(foreign)}")
@@ -265,7 +269,8 @@ def _with_language_model(config: Blip2Config, language_model: PreTrainedModel) -
         model = Blip2ForConditionalGeneration(config)
     model.language_model = language_model
     device = language_model.get_input_embeddings().weight.device
-    for name in ("vision_model", "qformer", "language_projection"):
+    stage1_parts = ("vision_model", "qformer") + (("embeddings",) if model.has_qformer_text_input else ())
+    for name in (*stage1_parts, "language_projection"):
         model.get_submodule(name).to_empty(device=device)
     model.query_tokens = nn.Parameter(torch.empty_like(model.query_tokens, device=device))
     # The vision model, queries and Q-Former come from stage 1; the projection starts as the model would start it.

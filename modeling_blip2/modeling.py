@@ -35,12 +35,15 @@ from transformers.utils import ModelOutput
 from .attention import boolean_to_additive_mask, padding_to_additive_mask
 from .configuration import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 from .model_card import DEFAULT_LICENSE, build_model_card, require_hub_token
-from .qformer import ATTENTION_TYPES, Blip2QFormerEncoder, build_qformer_attention_mask
+from .qformer import ATTENTION_TYPES, Blip2QFormerEncoder, Blip2TextEmbeddings, build_qformer_attention_mask
 from .vision import Blip2VisionEmbeddings, Blip2VisionEncoder
 
 IGNORE_INDEX = -100
 # Modules trained in fp32 while the frozen encoder and LLM run in fp16/bf16 (the paper's precision recipe).
 FP32_MODULES = ["query_tokens", "qformer", "language_projection", "vision_model.post_layernorm"]
+# The Q-Former text embeddings, present only with a question-conditioned Q-Former; a pattern anchored at the top level
+# (loading matches these as regular expressions, and `vision_model.embeddings` must keep the ViT's dtype).
+QFORMER_TEXT_EMBEDDINGS_PATTERN = r"^embeddings\."
 # transformers consults `config.custom_pipelines` before redirecting "image-to-text" / refusing
 # "visual-question-answering": saved checkpoints name our pipeline classes there and carry their code (pipelines.py
 # and what it imports), so `pipeline(task, model=checkpoint, trust_remote_code=True)` runs them.
@@ -62,8 +65,9 @@ class Blip2ImageEncodingOutput(ModelOutput):
         image_embeds: `(batch, 1 + num_patches, vision_hidden)` post-LayerNorm image features.
         query_output: `(batch, num_query_tokens, qformer_hidden)` Q-Former outputs of the queries.
         language_model_inputs: `(batch, num_query_tokens, llm_hidden)` soft visual prompts (projected queries).
-        vision_outputs: The full vision model output.
-        qformer_outputs: The full Q-Former output.
+        vision_outputs: The full vision model output (None when the encoding started from `image_embeds`).
+        qformer_outputs: The full Q-Former output; its `last_hidden_state` is `(batch, num_query_tokens + T,
+            qformer_hidden)` when a `(batch, T)` question was fed to the Q-Former.
     """
 
     image_embeds: torch.FloatTensor | None = None
@@ -71,6 +75,31 @@ class Blip2ImageEncodingOutput(ModelOutput):
     language_model_inputs: torch.FloatTensor | None = None
     vision_outputs: BaseModelOutputWithPooling | None = None
     qformer_outputs: BaseModelOutputWithPoolingAndCrossAttentions | None = None
+
+    def select(self, index: torch.Tensor | list[int]) -> Blip2ImageEncodingOutput:
+        """The rows `index` (e.g. the image of each question: one image encoding serving several prompts).
+
+        `image_embeds`, `query_output` and `language_model_inputs` are indexed along the batch; the full
+        `vision_outputs` / `qformer_outputs` are not carried over.
+        """
+        if self.language_model_inputs is None and self.image_embeds is None:
+            raise ValueError("this image encoding holds neither image_embeds nor language_model_inputs")
+        reference = self.language_model_inputs if self.language_model_inputs is not None else self.image_embeds
+        index = torch.as_tensor(index, dtype=torch.long, device=reference.device)
+        if index.dim() != 1:
+            raise ValueError(f"index must be 1-d, got shape {tuple(index.shape)}")
+        batch = reference.shape[0]
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= batch):
+            raise ValueError(f"index must hold row numbers in [0, {batch}), got {index.tolist()}")
+
+        def rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.index_select(0, index.to(tensor.device))
+
+        return Blip2ImageEncodingOutput(
+            image_embeds=rows(self.image_embeds),
+            query_output=rows(self.query_output),
+            language_model_inputs=rows(self.language_model_inputs),
+        )
 
 
 @dataclass
@@ -81,7 +110,8 @@ class Blip2ConditionalGenerationOutput(ModelOutput):
         loss: Scalar LM loss (decoder-only) or seq2seq loss (encoder-decoder) when `labels` are given.
         logits: `(batch, sequence_length, vocab)`; for decoder-only LLMs the sequence includes the query positions.
         vision_outputs: Vision model output (`last_hidden_state` `(batch, 1 + num_patches, vision_hidden)`).
-        qformer_outputs: Q-Former output (`last_hidden_state` `(batch, num_query_tokens, qformer_hidden)`).
+        qformer_outputs: Q-Former output (`last_hidden_state` `(batch, num_query_tokens, qformer_hidden)`, or
+            `(batch, num_query_tokens + T, qformer_hidden)` with a `(batch, T)` question in `qformer_input_ids`).
         language_model_outputs: The LLM's own output.
     """
 
@@ -134,6 +164,9 @@ class Blip2PreTrainedModel(PreTrainedModel):
         "Blip2TextEmbeddings",
     ]
 
+    # Modules that 8-/4-bit loading leaves unquantized unless `llm_int8_skip_modules` says otherwise.
+    _quantization_skip_modules: tuple[str, ...] = ()
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, Blip2VisionEmbeddings):
@@ -165,6 +198,17 @@ class Blip2PreTrainedModel(PreTrainedModel):
                     "use_safetensors=False reads pickle weights: pass allow_pickle=True as well to opt in"
                 )
             kwargs["use_safetensors"] = True
+        quantization_config = kwargs.get("quantization_config")
+        if (
+            cls._quantization_skip_modules
+            and getattr(quantization_config, "quant_method", None) == "bitsandbytes"
+            and quantization_config.llm_int8_skip_modules is None
+        ):
+            # transformers' bitsandbytes quantizers would convert every nn.Linear but the LLM head: keep the image
+            # encoder, query tokens, Q-Former and projection out of it (the LLM is what 8-/4-bit loading is for).
+            quantization_config = copy.deepcopy(quantization_config)
+            quantization_config.llm_int8_skip_modules = list(cls._quantization_skip_modules)
+            kwargs["quantization_config"] = quantization_config
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except SafetensorError as error:
@@ -324,6 +368,20 @@ class Blip2VisionModel(Blip2PreTrainedModel):
             attentions=all_attentions,
         )
         return output if _wants_dict(return_dict, self.config) else output.to_tuple()
+
+    def resize_position_embeddings(self, image_size: int) -> None:
+        """Changes the input size for good (e.g. 224 -> 364 for fine-tuning): the learned position embeddings are
+        bicubically interpolated to the new patch grid and `config.image_size` is updated."""
+        patch = self.config.patch_size
+        if image_size % patch:
+            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch})")
+        side = image_size // patch
+        with torch.no_grad():
+            resized = self.embeddings.position_embeddings_for_grid(side, side).detach().clone()
+        self.embeddings.position_embedding = nn.Parameter(
+            resized, requires_grad=self.embeddings.position_embedding.requires_grad
+        )
+        self.config.image_size = image_size
 
     def forward_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Encoder output *before* the post-encoder LayerNorm, `(batch, 1 + num_patches, hidden)`.
@@ -508,14 +566,25 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
 
 
 class _Blip2WithLanguageModel(Blip2PreTrainedModel):
-    """Vision encoder + query tokens + Q-Former + projection + LLM, and how their inputs are put together."""
+    """Vision encoder + query tokens + Q-Former + projection + LLM, and how their inputs are put together.
+
+    With `config.qformer_config.use_qformer_text_input` the model also owns the Q-Former text embeddings
+    (`embeddings.*`, the key layout of the retrieval checkpoints) and can condition the queries on a question
+    (`qformer_input_ids`), as in the paper's VQA fine-tuning. Without it the state dict is that of the official
+    checkpoints, unchanged.
+    """
 
     _keep_in_fp32_modules_strict = FP32_MODULES
+    # Also read by transformers' quantizers, which skip these modules (they ignore the strict list).
+    _keep_in_fp32_modules = FP32_MODULES
+    _quantization_skip_modules = ("vision_model", "query_tokens", "qformer", "language_projection", "lm_head")
 
     def __init__(self, config: Blip2Config) -> None:
         super().__init__(config)
         self.vision_model = Blip2VisionModel._from_config(config.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        if config.qformer_config.use_qformer_text_input:
+            self.embeddings = Blip2TextEmbeddings(config.qformer_config)
         self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
         if config.use_decoder_only_language_model:
@@ -523,6 +592,13 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         else:
             self.language_model = AutoModelForSeq2SeqLM.from_config(config.text_config)
         self.post_init()
+        if self.has_qformer_text_input:
+            self._keep_in_fp32_modules_strict.add(QFORMER_TEXT_EMBEDDINGS_PATTERN)
+
+    @property
+    def has_qformer_text_input(self) -> bool:
+        """Whether the Q-Former can read a question (`qformer_input_ids`) next to its queries."""
+        return isinstance(getattr(self, "embeddings", None), Blip2TextEmbeddings)
 
     # -- embeddings plumbing for resize_token_embeddings, generate, PEFT -------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
@@ -565,34 +641,81 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
                 own_parameters[name].data = own_parameters[name].data.float()
             else:
                 self.get_submodule(name).float()
+        if self.has_qformer_text_input:
+            self.embeddings.float()
         return self
 
     # -- images -> soft prompts -----------------------------------------------------------------------------------
     def encode_images(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> Blip2ImageEncodingOutput:
-        """Images -> vision features -> Q-Former query outputs -> soft visual prompts in the LLM's width."""
-        vision_outputs = self.vision_model(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        image_embeds = vision_outputs.last_hidden_state
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        """Images -> vision features -> Q-Former query outputs -> soft visual prompts in the LLM's width.
+
+        Args:
+            pixel_values: `(batch, 3, H, W)` images.
+            qformer_input_ids: `(batch, T)` Q-Former token ids of a question (needs a Q-Former with text input).
+                The Q-Former then reads `[queries; question]` with the bidirectional mask (queries and question see
+                each other, only the queries cross-attend to the image) and only the query outputs are projected.
+            qformer_attention_mask: `(batch, T)` padding mask of `qformer_input_ids` (default: all ones).
+            image_embeds: `(batch, 1 + num_patches, vision_hidden)` post-LayerNorm image features of an earlier
+                encoding (its `image_embeds`), instead of `pixel_values`: the vision encoder is skipped, e.g. to ask
+                several questions about one image.
+        """
+        if pixel_values is None and image_embeds is None:
+            raise ValueError(
+                "pixel_values are required: a (batch, channels, height, width) float tensor (or image_embeds, the "
+                "vision features of an earlier encoding)"
+            )
+        if pixel_values is not None and image_embeds is not None:
+            raise ValueError("pass pixel_values or image_embeds (the vision features), not both")
+        vision_outputs = None
+        if pixel_values is not None:
+            vision_outputs = self.vision_model(
+                pixel_values,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+            image_embeds = vision_outputs.last_hidden_state
+        elif image_embeds.dim() != 3 or image_embeds.shape[-1] != self.config.vision_config.hidden_size:
+            raise ValueError(
+                "image_embeds must be (batch, tokens, vision hidden size "
+                f"{self.config.vision_config.hidden_size}), got {tuple(image_embeds.shape)}"
+            )
+        batch, num_queries = image_embeds.shape[0], self.config.num_query_tokens
+        queries = self.query_tokens.expand(batch, -1, -1)
+        qformer_kwargs: dict[str, Any] = {}
+        if qformer_input_ids is None:
+            if qformer_attention_mask is not None:
+                raise ValueError("qformer_attention_mask was given without qformer_input_ids")
+            query_embeds = queries
+        else:
+            qformer_attention_mask = self._check_qformer_text(qformer_input_ids, qformer_attention_mask, batch)
+            query_embeds = self.embeddings(qformer_input_ids, query_embeds=queries)  # (B, Q + T, hidden)
+            qformer_kwargs = {
+                "query_length": num_queries,
+                "attention_mask": torch.cat(
+                    [qformer_attention_mask.new_ones(batch, num_queries), qformer_attention_mask], 1
+                ),
+                "attention_type": "bidirectional",
+            }
         qformer_outputs = self.qformer(
-            query_embeds=queries,
+            query_embeds=query_embeds,
             encoder_hidden_states=image_embeds,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **qformer_kwargs,
         )
-        query_output = qformer_outputs.last_hidden_state
+        query_output = qformer_outputs.last_hidden_state[:, :num_queries]  # only the queries reach the LLM
         language_model_inputs = self.language_projection(query_output.to(self.language_projection.weight.dtype))
         return Blip2ImageEncodingOutput(
             image_embeds=image_embeds,
@@ -601,6 +724,32 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             vision_outputs=vision_outputs,
             qformer_outputs=qformer_outputs,
         )
+
+    def _check_qformer_text(
+        self, qformer_input_ids: torch.Tensor, qformer_attention_mask: torch.Tensor | None, batch: int
+    ) -> torch.Tensor:
+        """Validates a Q-Former question and returns its `(batch, T)` padding mask."""
+        if not self.has_qformer_text_input:
+            raise ValueError(
+                "qformer_input_ids were given but this model's Q-Former reads no text "
+                "(config.qformer_config.use_qformer_text_input=False): drop them, or build the model with "
+                "use_qformer_text_input=True (which adds the Q-Former text embeddings)"
+            )
+        if qformer_input_ids.dim() != 2:
+            raise ValueError(f"qformer_input_ids must be (batch, length), got shape {tuple(qformer_input_ids.shape)}")
+        if qformer_input_ids.shape[0] != batch:
+            raise ValueError(
+                f"qformer_input_ids have batch size {qformer_input_ids.shape[0]} but there are {batch} images: "
+                "pass one Q-Former text per image"
+            )
+        if qformer_attention_mask is None:
+            return torch.ones_like(qformer_input_ids)
+        if qformer_attention_mask.shape != qformer_input_ids.shape:
+            raise ValueError(
+                f"qformer_attention_mask must have the shape of qformer_input_ids {tuple(qformer_input_ids.shape)}, "
+                f"got {tuple(qformer_attention_mask.shape)}"
+            )
+        return qformer_attention_mask
 
     # -- prompts ----------------------------------------------------------------------------------------------------
     def _default_prompt(self, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -684,7 +833,6 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
 
     def _prepare_prompt(
         self,
-        pixel_values: torch.Tensor,
         input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None,
@@ -694,7 +842,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         if input_ids is None:
             if attention_mask is not None:
                 raise ValueError("attention_mask was given without input_ids")
-            input_ids = self._default_prompt(batch, pixel_values.device)
+            input_ids = self._default_prompt(batch, encoding.language_model_inputs.device)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         if input_ids.shape[0] != batch:
@@ -725,6 +873,8 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Blip2ConditionalGenerationOutput | tuple:
         """Runs images and prompts through the whole model.
@@ -737,14 +887,18 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             decoder_input_ids, decoder_attention_mask: Decoder inputs of encoder-decoder LLMs.
             labels: Decoder-only: `(batch, L)` like `input_ids`, -100 where no loss is taken (image positions are
                 always ignored). Encoder-decoder: decoder target ids.
+            qformer_input_ids, qformer_attention_mask: `(batch, T)` question for a Q-Former with text input (the
+                processor's `qformer_text=`); the queries then attend to it (see `encode_images`).
         """
         encoding = self.encode_images(
             pixel_values,
             interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
         )
-        prepared = self._prepare_prompt(pixel_values, input_ids, attention_mask, labels, encoding)
+        prepared = self._prepare_prompt(input_ids, attention_mask, labels, encoding)
         self._check_sequence_fits(prepared.input_ids.shape[1], "the prompt")
         inputs_embeds = self._embed_prompt(prepared, encoding.language_model_inputs)
         common = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
@@ -803,10 +957,18 @@ class Blip2Model(_Blip2WithLanguageModel):
         interpolate_pos_encoding: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
-        """Q-Former output for the queries: `last_hidden_state` `(batch, num_query_tokens, qformer_hidden)`."""
+        """Q-Former output: `last_hidden_state` `(batch, num_query_tokens, qformer_hidden)`, or `(batch,
+        num_query_tokens + T, qformer_hidden)` with a `(batch, T)` question in `qformer_input_ids`."""
         return self.encode_images(
-            pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states
+            pixel_values,
+            interpolate_pos_encoding,
+            output_attentions,
+            output_hidden_states,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
         ).qformer_outputs
 
     def get_text_features(
@@ -840,18 +1002,30 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> Blip2ImageEncodingOutput:
         """Images encoded for the LLM; `language_model_inputs` are the soft visual prompts."""
-        return self.encode_images(pixel_values, interpolate_pos_encoding)
+        return self.encode_images(
+            pixel_values,
+            interpolate_pos_encoding,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
+        )
 
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        image_encoding: Blip2ImageEncodingOutput | None = None,
         **generate_kwargs: Any,
     ) -> torch.LongTensor | GenerateOutput:
         """Generates text conditioned on images and optional prompts.
@@ -859,16 +1033,47 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
         Any `transformers` generation argument works (`max_new_tokens`, `num_beams`, `do_sample`, ...); the model's
         `generation_config` supplies the defaults. Batched prompts of different lengths must be left-padded.
 
+        Args:
+            pixel_values: `(batch, 3, H, W)` images (or give `image_encoding`).
+            input_ids, attention_mask: `(batch, L)` prompts, left-padded, as in `forward`.
+            qformer_input_ids, qformer_attention_mask: `(batch, T)` question for a Q-Former with text input.
+            image_encoding: A precomputed `encode_images` output (e.g. `encoding.select(image_of_each_prompt)`),
+                instead of `pixel_values`: its `language_model_inputs` `(batch, num_query_tokens, llm_hidden)` are
+                used as they are, so a question for the Q-Former goes to `encode_images`, not here.
+
         Returns, for decoder-only LLMs, the prompt ids as given followed by the new tokens (with no prompt: BOS
         and the new tokens); for encoder-decoder LLMs, the decoder ids.
         """
-        encoding = self.encode_images(pixel_values, interpolate_pos_encoding)
+        if image_encoding is None:
+            if pixel_values is None:
+                raise ValueError(
+                    "pixel_values are required: a (batch, channels, height, width) float tensor (or a precomputed "
+                    "image_encoding)"
+                )
+            encoding = self.encode_images(
+                pixel_values,
+                interpolate_pos_encoding,
+                qformer_input_ids=qformer_input_ids,
+                qformer_attention_mask=qformer_attention_mask,
+            )
+        else:
+            if pixel_values is not None:
+                raise ValueError("pass pixel_values or image_encoding, not both")
+            if qformer_input_ids is not None or qformer_attention_mask is not None:
+                raise ValueError(
+                    "image_encoding already holds the soft prompts: pass the Q-Former question to encode_images "
+                    "(e.g. encode_images(image_embeds=..., qformer_input_ids=...)), not to generate"
+                )
+            if image_encoding.language_model_inputs is None:
+                raise ValueError("image_encoding has no language_model_inputs: pass an encode_images output")
+            encoding = image_encoding
         if self.config.use_decoder_only_language_model and attention_mask is not None:
             _check_left_padded(attention_mask)
+        soft_prompts = encoding.language_model_inputs
         user_ids = (
-            input_ids if input_ids is not None else self._default_prompt(pixel_values.shape[0], pixel_values.device)
+            input_ids if input_ids is not None else self._default_prompt(soft_prompts.shape[0], soft_prompts.device)
         )
-        prepared = self._prepare_prompt(pixel_values, user_ids, attention_mask, None, encoding)
+        prepared = self._prepare_prompt(user_ids, attention_mask, None, encoding)
         prompt_length = prepared.input_ids.shape[1]
         self._check_sequence_fits(
             prompt_length + int(generate_kwargs.get("max_new_tokens") or 0), "prompt + new tokens"

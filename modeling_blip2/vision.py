@@ -63,6 +63,31 @@ class Blip2VisionEmbeddings(nn.Module):
         return torch.cat([class_position, patch_positions], dim=1)
 
 
+class Blip2FusedQKV(nn.Linear):
+    """The fused query-key-value projection (an `nn.Linear`: same state-dict keys).
+
+    In the EVA layout (`key_bias_is_zero`) the key third of the bias is not a parameter of the original model: it is
+    kept for checkpoint compatibility but left out of the computation, so it stays zero under training. Being a
+    module called as one (not `F.linear` on its weight from outside) lets accelerate's offload hooks, PEFT and
+    quantization wrappers see the call.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, key_bias_is_zero: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.key_bias_is_zero = key_bias_is_zero
+
+    def fused_bias(self) -> torch.Tensor | None:
+        """The bias as used in the forward pass (key third zeroed in the EVA layout)."""
+        bias = self.bias
+        if bias is None or not self.key_bias_is_zero:
+            return bias
+        query_bias, key_bias, value_bias = bias.chunk(3)
+        return torch.cat([query_bias, torch.zeros_like(key_bias), value_bias])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states, self.weight, self.fused_bias())
+
+
 class Blip2VisionAttention(nn.Module):
     """Multi-head self-attention with one fused qkv projection.
 
@@ -74,23 +99,19 @@ class Blip2VisionAttention(nn.Module):
         super().__init__()
         self.config = config
         self.num_heads = config.num_attention_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.projection = nn.Linear(config.hidden_size, config.hidden_size)
         self.key_bias_is_zero = config.vision_architecture == "eva"
+        self.qkv = Blip2FusedQKV(config.hidden_size, 3 * config.hidden_size, config.qkv_bias, self.key_bias_is_zero)
+        self.projection = nn.Linear(config.hidden_size, config.hidden_size)
 
     def fused_bias(self) -> torch.Tensor | None:
         """The qkv bias as used in the forward pass (key third zeroed in the EVA layout)."""
-        bias = self.qkv.bias
-        if bias is None or not self.key_bias_is_zero:
-            return bias
-        query_bias, key_bias, value_bias = bias.chunk(3)
-        return torch.cat([query_bias, torch.zeros_like(key_bias), value_bias])
+        return self.qkv.fused_bias()
 
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, width = hidden_states.shape
-        qkv = F.linear(hidden_states, self.qkv.weight, self.fused_bias())
+        qkv = self.qkv(hidden_states)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)  # each (B, heads, T, head_dim)
         dropout = self.config.attention_dropout if self.training else 0.0

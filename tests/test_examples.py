@@ -84,3 +84,38 @@ def test_pretrain_stage1_example_on_an_image_folder(tmp_path) -> None:
     assert torch.equal(reloaded.temp, cached.model.temp.detach())
     augmented = stage1.main([*common, "--augment", "--output_dir", str(tmp_path / "augmented")])
     assert augmented.state.global_step == 2
+
+
+def test_stage2_and_caption_finetuning_examples(tmp_path) -> None:
+    from tiny import TINY_RANDOM, stage1_config_dict, tiny_qformer_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modeling_blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2ForPretraining
+
+    qformer_tokenizer = tiny_qformer_tokenizer()
+    Blip2ForPretraining(
+        Blip2Config(**stage1_config_dict(qformer_tokenizer.convert_tokens_to_ids("[DEC]")))
+    ).save_pretrained(tmp_path / "stage1")
+    llm_config = Blip2Config.from_pretrained(TINY_RANDOM).text_config
+    AutoModelForCausalLM.from_config(llm_config).save_pretrained(tmp_path / "llm")
+    AutoTokenizer.from_pretrained(TINY_RANDOM).save_pretrained(tmp_path / "llm")
+    data = _image_folder(tmp_path / "images")
+    common = [
+        "--dataset", str(data), "--max_steps", "2", "--per_device_train_batch_size", "2", "--warmup_steps", "0",
+        "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--save_strategy", "no", "--logging_steps", "1",
+    ]  # fmt: skip
+    stage2 = _load("pretrain_stage2").main(
+        [*common, "--stage1", str(tmp_path / "stage1"), "--language_model", str(tmp_path / "llm"),
+         "--llm_dtype", "bfloat16", "--output_dir", str(tmp_path / "stage2")]
+    )  # fmt: skip
+    assert stage2.state.global_step == 2 and stage2.state.log_history[0]["loss"] > 0
+    model = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "stage2")
+    assert model.qformer.layernorm.weight.dtype == torch.float32
+    trainer, scores = _load("finetune_caption").main(
+        [*common, "--model_name_or_path", str(tmp_path / "stage2"), "--image_size", "42", "--train_vision_encoder",
+         "--eval_dataset", str(data), "--num_beams", "2", "--max_new_tokens", "4", "--min_new_tokens", "2",
+         "--output_dir", str(tmp_path / "caption")]
+    )  # fmt: skip
+    assert trainer.model.config.vision_config.image_size == 42
+    assert set(scores) >= {"bleu4", "cider"} and 0 <= scores["bleu4"] <= 100
+    assert (tmp_path / "caption" / "caption_scores.json").is_file()

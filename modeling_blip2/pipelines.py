@@ -44,6 +44,7 @@ class Blip2ImageToTextPipeline(ImageTextToTextPipeline):
         images: Any = None,
         text: str | Sequence[str] | None = None,
         prompt: str | Sequence[str] | None = None,
+        qformer_text: str | Sequence[str] | None = None,
         **kwargs: Any,
     ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         if text is not None and prompt is not None:
@@ -60,10 +61,30 @@ class Blip2ImageToTextPipeline(ImageTextToTextPipeline):
         elif len(text) != len(rgb_images):
             raise ValueError(f"got {len(rgb_images)} images but {len(text)} texts: pass one text per image")
         inputs = [{"images": image, "text": prompt_text} for image, prompt_text in zip(rgb_images, text, strict=True)]
+        if qformer_text is not None:
+            qformer_texts = [qformer_text] * len(inputs) if isinstance(qformer_text, str) else list(qformer_text)
+            if len(qformer_texts) != len(inputs):
+                raise ValueError(f"got {len(inputs)} images but {len(qformer_texts)} Q-Former texts")
+            for item, question in zip(inputs, qformer_texts, strict=True):
+                item["qformer_text"] = question
         # Straight to `Pipeline.__call__` (ImageTextToTextPipeline would read a list of dicts as a chat): each
         # {"images", "text"} dict is one input, batched by `batch_size=`.
         outputs = super(ImageTextToTextPipeline, self).__call__(inputs, **kwargs)
         return outputs[0] if single else outputs
+
+    def preprocess(self, inputs: Any = None, timeout: float | None = None, **kwargs: Any) -> Any:
+        qformer_text = inputs.pop("qformer_text", None) if isinstance(inputs, dict) else None
+        model_inputs = super().preprocess(inputs, timeout=timeout, **kwargs)
+        # A question-conditioned Q-Former also reads the question (the paper's VQA fine-tuning).
+        if qformer_text is not None and self._qformer_reads_text():
+            encoded = self.processor(qformer_text=qformer_text, return_tensors="pt")
+            model_inputs["qformer_input_ids"] = encoded["qformer_input_ids"]
+            model_inputs["qformer_attention_mask"] = encoded["qformer_attention_mask"]
+        return model_inputs
+
+    def _qformer_reads_text(self) -> bool:
+        model_reads_text = bool(getattr(self.model, "has_qformer_text_input", False))
+        return model_reads_text and getattr(self.processor, "qformer_tokenizer", None) is not None
 
 
 class Blip2VisualQuestionAnsweringPipeline(Blip2ImageToTextPipeline):
@@ -98,6 +119,7 @@ class Blip2VisualQuestionAnsweringPipeline(Blip2ImageToTextPipeline):
         outputs = super().__call__(
             images,
             text=prompts[0] if isinstance(question, str) else prompts,
+            qformer_text=questions[0] if isinstance(question, str) else questions,
             generate_kwargs=generate_kwargs,
             return_full_text=False,
             **kwargs,

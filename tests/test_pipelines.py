@@ -117,3 +117,25 @@ def test_pipeline_code_files_hold_everything_the_pipelines_import() -> None:
     package = Path(__file__).resolve().parents[1] / "modeling_blip2"
     needed = {Path(path).name for path in get_relative_import_files(str(package / "pipelines.py"))}
     assert needed | {"pipelines.py"} == set(PIPELINE_CODE_FILES)
+
+
+def test_vqa_pipeline_feeds_the_question_to_a_question_conditioned_qformer() -> None:
+    from tiny import tiny_qformer_tokenizer
+
+    from modeling_blip2 import Blip2VisualQuestionAnsweringPipeline, predict_answers
+
+    model, processor = tiny_checkpoint_parts()
+    assert model.has_qformer_text_input  # tiny-random's Q-Former reads text
+    with_questions = Blip2ImageTextProcessor(
+        processor.image_processor, processor.tokenizer, num_query_tokens=4, qformer_tokenizer=tiny_qformer_tokenizer()
+    )
+    vqa = Blip2VisualQuestionAnsweringPipeline(model=model, processor=with_questions)
+    seen = []
+    model.qformer.register_forward_hook(lambda module, args, output: seen.append(output.last_hidden_state.shape[1]))
+    questions = ["what is this ?", "what is the cat ?"]
+    answers = vqa([_image(), _image()], question=questions, max_new_tokens=3, generate_kwargs={"num_beams": 1})
+    expected = predict_answers(
+        model, with_questions, [_image(), _image()], questions, num_beams=1, max_new_tokens=3, use_qformer_text=True
+    )
+    assert [item[0]["answer"] for item in answers] == expected
+    assert seen and all(length > 4 for length in seen)  # [queries; question] went through the Q-Former

@@ -51,6 +51,9 @@ class Stage1Arguments:
     max_text_length: int = 32
     augment: bool = field(default=False, metadata={"help": "random resized crop + flip (the paper's augmentation)"})
     cache_image_features: bool = field(default=False, metadata={"help": "run the frozen encoder once per image"})
+    cache_dtype: str = field(
+        default="float16", metadata={"help": "storage dtype of cached features (float16 halves RAM)"}
+    )
 
 
 def load_image_text_dataset(args: Stage1Arguments) -> datasets.Dataset:
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> Blip2Trainer:
             image_column=args.image_column,
             image_id_column=args.image_id_column,
             batch_size=training_args.per_device_train_batch_size,
+            dtype=getattr(torch, args.cache_dtype),
         )
     collator = Blip2ImageTextCollator(
         image_processor,

@@ -93,7 +93,7 @@ class Blip2Trainer(Trainer):
         if model is not None and args is not None and args.freeze_vision_encoder:
             model.freeze_vision_encoder()
         super().__init__(model=model, args=args, **kwargs)
-        self._loss_sums: dict[str, float] = {}
+        self._loss_sums: dict[str, Any] = {}
         self._loss_counts: dict[str, int] = {}
 
     # -- loss -------------------------------------------------------------------------------------------------------
@@ -120,13 +120,14 @@ class Blip2Trainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
-        self._loss_sums[name] = self._loss_sums.get(name, 0.0) + float(value.detach())
+        # Summed on the device: converting to a Python float here would synchronise with the GPU at every step.
+        self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value.detach()
         self._loss_counts[name] = self._loss_counts.get(name, 0) + 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: flush the per-term means collected since the last one
             for name, total in self._loss_sums.items():
-                logs[name] = round(total / self._loss_counts[name], 6)
+                logs[name] = round(float(total) / self._loss_counts[name], 6)
             self._loss_sums, self._loss_counts = {}, {}
         super().log(logs, *args, **kwargs)
 

@@ -277,6 +277,34 @@ class Blip2PreTrainedModel(PreTrainedModel):
                 revision=revision,
             )
 
+    # -- the Q-Former over queries and text (models that own query_tokens, embeddings and qformer) ---------------
+    def _queries_with_text(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attention_type: str,
+        **qformer_kwargs: Any,
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        """`[queries; text]` through the Q-Former, the queries cross-attending to `image_embeds`: bidirectional for
+        matching and question conditioning, multimodal-causal for image-grounded generation.
+
+        Returns the Q-Former output `(B, num_query_tokens + T, hidden)`.
+        """
+        batch, num_queries = input_ids.shape[0], self.config.num_query_tokens
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        queries = self.query_tokens.expand(batch, -1, -1)
+        return self.qformer(
+            self.embeddings(input_ids, query_embeds=queries),
+            query_length=num_queries,
+            attention_mask=torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1),
+            encoder_hidden_states=image_embeds,
+            attention_type=attention_type,
+            return_dict=True,
+            **qformer_kwargs,
+        )
+
     # -- frozen modules ------------------------------------------------------------------------------------------
     @property
     def frozen_module_names(self) -> tuple[str, ...]:
@@ -691,30 +719,19 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
                 f"{self.config.vision_config.hidden_size}), got {tuple(image_embeds.shape)}"
             )
         batch, num_queries = image_embeds.shape[0], self.config.num_query_tokens
-        queries = self.query_tokens.expand(batch, -1, -1)
-        qformer_kwargs: dict[str, Any] = {}
+        outputs_wanted = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         if qformer_input_ids is None:
             if qformer_attention_mask is not None:
                 raise ValueError("qformer_attention_mask was given without qformer_input_ids")
-            query_embeds = queries
+            queries = self.query_tokens.expand(batch, -1, -1)
+            qformer_outputs = self.qformer(
+                queries, encoder_hidden_states=image_embeds, return_dict=True, **outputs_wanted
+            )
         else:
             qformer_attention_mask = self._check_qformer_text(qformer_input_ids, qformer_attention_mask, batch)
-            query_embeds = self.embeddings(qformer_input_ids, query_embeds=queries)  # (B, Q + T, hidden)
-            qformer_kwargs = {
-                "query_length": num_queries,
-                "attention_mask": torch.cat(
-                    [qformer_attention_mask.new_ones(batch, num_queries), qformer_attention_mask], 1
-                ),
-                "attention_type": "bidirectional",
-            }
-        qformer_outputs = self.qformer(
-            query_embeds=query_embeds,
-            encoder_hidden_states=image_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **qformer_kwargs,
-        )
+            qformer_outputs = self._queries_with_text(
+                image_embeds, qformer_input_ids, qformer_attention_mask, "bidirectional", **outputs_wanted
+            )
         query_output = qformer_outputs.last_hidden_state[:, :num_queries]  # only the queries reach the LLM
         language_model_inputs = self.language_projection(query_output.to(self.language_projection.weight.dtype))
         return Blip2ImageEncodingOutput(

@@ -174,19 +174,8 @@ class _Blip2Stage1Model(Blip2PreTrainedModel):
 
         Returns the `(B, 2)` logits (the ITM head averaged over the query outputs) and the Q-Former output.
         """
-        batch, num_queries = input_ids.shape[0], self.config.num_query_tokens
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        queries = self.query_tokens.expand(batch, -1, -1)
-        mask = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1)
-        outputs = self.qformer(
-            self.embeddings(input_ids, query_embeds=queries),
-            query_length=num_queries,
-            attention_mask=mask,
-            encoder_hidden_states=image_embeds,
-            attention_type="bidirectional",
-            return_dict=True,
-        )
+        num_queries = self.config.num_query_tokens
+        outputs = self._queries_with_text(image_embeds, input_ids, attention_mask, "bidirectional")
         query_part = outputs.last_hidden_state[:, :num_queries].to(self.itm_head.weight.dtype)
         return self.itm_head(query_part).mean(dim=1), outputs
 
@@ -316,17 +305,8 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """ITG: `[queries; text]` with the multimodal causal mask -> `(B, T, vocab)` next-token logits for the text."""
-        batch, num_queries = input_ids.shape[0], self.config.num_query_tokens
-        queries = self.query_tokens.expand(batch, -1, -1)
-        mask = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1)
-        outputs = self.qformer(
-            self.embeddings(input_ids, query_embeds=queries),
-            query_length=num_queries,
-            attention_mask=mask,
-            encoder_hidden_states=image_embeds,
-            attention_type="multimodal_causal",
-            return_dict=True,
-        )
+        num_queries = self.config.num_query_tokens
+        outputs = self._queries_with_text(image_embeds, input_ids, attention_mask, "multimodal_causal")
         return self.qformer_lm_head(outputs.last_hidden_state[:, num_queries:])
 
     def forward(

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> tuple[Blip2Trainer, dict[str, Any] | 
     model.freeze_language_model()
     training_args.freeze_vision_encoder = not args.train_vision_encoder
     if args.train_vision_encoder:
-        model.vision_model.activation_checkpointing_enable()
+        model.vision_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     collator = Blip2CaptionCollator(
         processor,
         is_encoder_decoder=model.config.is_encoder_decoder,

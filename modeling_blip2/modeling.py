@@ -683,6 +683,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        frozen_image_features: torch.Tensor | None = None,
     ) -> Blip2ImageEncodingOutput:
         """Images -> vision features -> Q-Former query outputs -> soft visual prompts in the LLM's width.
 
@@ -695,7 +696,22 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             image_embeds: `(batch, 1 + num_patches, vision_hidden)` post-LayerNorm image features of an earlier
                 encoding (its `image_embeds`), instead of `pixel_values`: the vision encoder is skipped, e.g. to ask
                 several questions about one image.
+            frozen_image_features: `(batch, 1 + num_patches, vision_hidden)` outputs of the frozen encoder before the
+                post-LayerNorm (`vision_model.forward_features`, e.g. from `FrozenFeatureDataset`); the trainable
+                post-LayerNorm is applied here.
         """
+        if frozen_image_features is not None:
+            if pixel_values is not None or image_embeds is not None:
+                raise ValueError("pass one of pixel_values, image_embeds and frozen_image_features")
+            if (
+                frozen_image_features.dim() != 3
+                or frozen_image_features.shape[-1] != self.config.vision_config.hidden_size
+            ):
+                raise ValueError(
+                    "frozen_image_features must be (batch, tokens, vision hidden size "
+                    f"{self.config.vision_config.hidden_size}), got {tuple(frozen_image_features.shape)}"
+                )
+            image_embeds = self.vision_model.apply_post_layernorm(frozen_image_features)
         if pixel_values is None and image_embeds is None:
             raise ValueError(
                 "pixel_values are required: a (batch, channels, height, width) float tensor (or image_embeds, the "
@@ -880,7 +896,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
@@ -892,6 +908,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         return_dict: bool | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        frozen_image_features: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Blip2ConditionalGenerationOutput | tuple:
         """Runs images and prompts through the whole model.
@@ -906,6 +923,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
                 always ignored). Encoder-decoder: decoder target ids.
             qformer_input_ids, qformer_attention_mask: `(batch, T)` question for a Q-Former with text input (the
                 processor's `qformer_text=`); the queries then attend to it (see `encode_images`).
+            frozen_image_features: Cached frozen-encoder outputs instead of `pixel_values` (see `encode_images`).
         """
         encoding = self.encode_images(
             pixel_values,
@@ -914,6 +932,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             output_hidden_states=output_hidden_states,
             qformer_input_ids=qformer_input_ids,
             qformer_attention_mask=qformer_attention_mask,
+            frozen_image_features=frozen_image_features,
         )
         prepared = self._prepare_prompt(input_ids, attention_mask, labels, encoding)
         self._check_sequence_fits(prepared.input_ids.shape[1], "the prompt")
@@ -1043,6 +1062,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         image_encoding: Blip2ImageEncodingOutput | None = None,
+        frozen_image_features: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.LongTensor | GenerateOutput:
         """Generates text conditioned on images and optional prompts.
@@ -1062,20 +1082,21 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
         and the new tokens); for encoder-decoder LLMs, the decoder ids.
         """
         if image_encoding is None:
-            if pixel_values is None:
+            if pixel_values is None and frozen_image_features is None:
                 raise ValueError(
                     "pixel_values are required: a (batch, channels, height, width) float tensor (or a precomputed "
-                    "image_encoding)"
+                    "image_encoding, or cached frozen_image_features)"
                 )
             encoding = self.encode_images(
                 pixel_values,
                 interpolate_pos_encoding,
                 qformer_input_ids=qformer_input_ids,
                 qformer_attention_mask=qformer_attention_mask,
+                frozen_image_features=frozen_image_features,
             )
         else:
-            if pixel_values is not None:
-                raise ValueError("pass pixel_values or image_encoding, not both")
+            if pixel_values is not None or frozen_image_features is not None:
+                raise ValueError("pass pixel_values (or frozen_image_features) or image_encoding, not both")
             if qformer_input_ids is not None or qformer_attention_mask is not None:
                 raise ValueError(
                     "image_encoding already holds the soft prompts: pass the Q-Former question to encode_images "

@@ -453,10 +453,15 @@ class Blip2CaptionCollator:
                     f"example {index} has an empty or missing caption ({self.text_column!r}): {caption!r}"
                 )
             captions.append(caption.strip())
-        images = [to_rgb_image(example.get(self.image_column)) for example in examples]
-        if self.augmentation is not None:
-            images = [self.augmentation(image) for image in images]
-        batch = {"pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]}
+        if "frozen_image_features" in examples[0]:  # from FrozenFeatureDataset: the encoder already ran
+            if self.augmentation is not None:
+                raise ValueError("cached image features cannot be augmented: turn off augment or the feature cache")
+            batch = {"frozen_image_features": torch.stack([example["frozen_image_features"] for example in examples])}
+        else:
+            images = [to_rgb_image(example.get(self.image_column)) for example in examples]
+            if self.augmentation is not None:
+                images = [self.augmentation(image) for image in images]
+            batch = {"pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]}
         rows = [
             self._encoder_decoder_row(c) if self.is_encoder_decoder else self._decoder_only_row(c) for c in captions
         ]

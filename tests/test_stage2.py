@@ -135,3 +135,26 @@ def test_stage2_pad_token_equal_to_eos_is_still_learned() -> None:
     batch = collator(examples)
     assert (batch["labels"] == model.config.text_config.eos_token_id).sum() == 3
     assert batch["attention_mask"][1, -1] == 0  # padded rows end in masked, unlearned pads
+
+
+def test_stage2_with_cached_frozen_features_matches_the_pixel_path() -> None:
+    from modeling_blip2 import FrozenFeatureDataset
+
+    model, processor = tiny_checkpoint_parts()
+    collator = Blip2CaptionCollator(processor, False, model.config.text_config.eos_token_id, prompt="a photo of")
+    examples = _examples()
+    cached = FrozenFeatureDataset(examples, model.vision_model, processor.image_processor, progress=False)
+    plain, from_cache = collator(examples), collator([cached[i] for i in range(len(cached))])
+    assert "pixel_values" not in from_cache and torch.equal(plain["labels"], from_cache["labels"])
+    with torch.no_grad():
+        assert torch.allclose(model(**plain).loss, model(**from_cache).loss, atol=1e-6)
+    prompt = processor(images=[example["image"] for example in examples], text=["a photo of"] * 3)
+    expected = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4)
+    features = from_cache["frozen_image_features"]
+    actual = model.generate(
+        input_ids=prompt.input_ids, attention_mask=prompt.attention_mask, frozen_image_features=features,
+        max_new_tokens=4, min_new_tokens=4,
+    )  # fmt: skip
+    assert torch.equal(expected, actual)
+    with pytest.raises(ValueError, match="one of pixel_values, image_embeds and frozen_image_features"):
+        model(pixel_values=prompt.pixel_values, frozen_image_features=features, input_ids=prompt.input_ids)

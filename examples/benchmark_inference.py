@@ -434,26 +434,28 @@ def measure_peak_memory(job: MemoryJob) -> MemoryResult:
     return result
 
 
-def _memory_worker(job: MemoryJob, connection: Connection) -> None:
+def _isolated_worker(measure: Callable[[Any], Any], job: Any, connection: Connection) -> None:
     try:
-        connection.send(measure_peak_memory(job))
+        connection.send(measure(job))
     except BaseException as error:  # report it to the parent rather than dying silently
-        connection.send(RuntimeError(f"{job.implementation}/{job.operation}: {error!r}"))
+        connection.send(RuntimeError(f"{job!r}: {error!r}"))
         raise
     finally:
         connection.close()
 
 
-def measure_memory(jobs: list[MemoryJob]) -> list[MemoryResult]:
-    """Runs every job in a fresh process, one at a time."""
+def measure_in_fresh_processes(measure: Callable[[Any], Any], jobs: list[Any], preload: list[str]) -> list[Any]:
+    """Runs `measure(job)` for every job in a fresh process, one at a time (forkserver preloading `preload`, so a
+    worker starts fast with the libraries imported but no model memory of the parent). `measure` must be a
+    module-level function."""
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(WORKER_PRELOAD)
+        context.set_forkserver_preload(preload)
     results = []
     for job in jobs:
         receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(target=_memory_worker, args=(job, sender))
+        process = context.Process(target=_isolated_worker, args=(measure, job, sender))
         process.start()
         sender.close()
         result = receiver.recv()
@@ -464,7 +466,11 @@ def measure_memory(jobs: list[MemoryJob]) -> list[MemoryResult]:
     return results
 
 
-# -- report ----------------------------------------------------------------------------------------------------------
+def measure_memory(jobs: list[MemoryJob]) -> list[MemoryResult]:
+    """Peak memory of every (implementation, operation) job, each in a fresh process."""
+    return measure_in_fresh_processes(measure_peak_memory, jobs, WORKER_PRELOAD)
+
+
 def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

@@ -70,7 +70,6 @@ import argparse
 import gc
 import json
 import logging
-import multiprocessing
 import platform
 import random
 import statistics
@@ -78,7 +77,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +108,7 @@ from benchmark_inference import (  # noqa: E402  (a sibling script: same model b
     _status_kib,
     build_stock_config,
     configure_threads,
+    measure_in_fresh_processes,
     quiet_transformers,
     randomise_weights,
 )
@@ -429,34 +428,9 @@ def measure_training_memory(job: MemoryJob) -> TrainMemory:
     return TrainMemory(model.get_memory_footprint() / 2**20, *resident, result)
 
 
-def _memory_worker(job: MemoryJob, connection: Connection) -> None:
-    try:
-        connection.send(measure_training_memory(job))
-    except BaseException as error:  # report it to the parent rather than dying silently
-        connection.send(RuntimeError(f"{job.precision}: {error!r}"))
-        raise
-    finally:
-        connection.close()
-
-
 def measure_memory(jobs: list[MemoryJob]) -> list[TrainMemory]:
     """Runs every job in a fresh process, one at a time."""
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload(WORKER_PRELOAD)
-    results = []
-    for job in jobs:
-        receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(target=_memory_worker, args=(job, sender))
-        process.start()
-        sender.close()
-        result = receiver.recv()
-        process.join()
-        if isinstance(result, BaseException):
-            raise result
-        results.append(result)
-    return results
+    return measure_in_fresh_processes(measure_training_memory, jobs, WORKER_PRELOAD)
 
 
 # -- VQA --------------------------------------------------------------------------------------------------------------

@@ -71,7 +71,6 @@ import copy
 import gc
 import json
 import math
-import multiprocessing
 import platform
 import random
 import statistics
@@ -82,7 +81,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +111,7 @@ from benchmark_inference import (  # noqa: E402  (a sibling script: same memory 
     _peak_rss_increase,
     _pin_mmap_threshold,
     configure_threads,
+    measure_in_fresh_processes,
     quiet_transformers,
 )
 
@@ -671,34 +670,9 @@ def measure_peak_memory(job: MemoryJob) -> MemoryResult:
     return result
 
 
-def _memory_worker(job: MemoryJob, connection: Connection) -> None:
-    try:
-        connection.send(measure_peak_memory(job))
-    except BaseException as error:  # report it to the parent rather than dying silently
-        connection.send(RuntimeError(f"{LABELS[job.variant]}: {error!r}"))
-        raise
-    finally:
-        connection.close()
-
-
 def measure_memory(jobs: list[MemoryJob]) -> list[MemoryResult]:
     """Runs every job in a fresh process, one at a time."""
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload(WORKER_PRELOAD)
-    results = []
-    for job in jobs:
-        receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(target=_memory_worker, args=(job, sender))
-        process.start()
-        sender.close()
-        result = receiver.recv()
-        process.join()
-        if isinstance(result, BaseException):
-            raise result
-        results.append(result)
-    return results
+    return measure_in_fresh_processes(measure_peak_memory, jobs, WORKER_PRELOAD)
 
 
 # -- report ----------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny import TEXT, config_dict, pixels, prompt_with_image_tokens, randomise_
+from tiny import TEXT, config_dict, labelled_batch, randomise_
 
 from modeling_blip2 import Blip2Config, Blip2ForConditionalGeneration
 from modeling_blip2.adapters import (
@@ -32,23 +32,13 @@ def _model(family: str = "opt", seed: int = 0, **overrides: object) -> Blip2ForC
     return randomise_(model, std=0.1, seed=seed).eval()
 
 
-def _batch(family: str) -> dict[str, torch.Tensor]:
-    ids, mask = prompt_with_image_tokens([[5, 6, 7], [8, 9, 10, 11]], TEXT[family]["pad_token_id"])
-    batch = {"pixel_values": pixels(), "input_ids": ids, "attention_mask": mask}
-    if family == "t5":
-        batch["labels"] = torch.tensor([[12, 13, 14], [15, 16, 17]])
-    else:
-        batch["labels"] = ids.masked_fill(mask == 0, -100)
-    return batch
-
-
 def _logits(model: torch.nn.Module, family: str) -> torch.Tensor:
     with torch.no_grad():
-        return model(**_batch(family)).logits
+        return model(**labelled_batch(family)).logits
 
 
 def _generate(model: torch.nn.Module, family: str) -> torch.Tensor:
-    batch = _batch(family)
+    batch = labelled_batch(family)
     return model.generate(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], max_new_tokens=3)
 
 
@@ -131,7 +121,7 @@ def test_training_step_changes_only_lora_parameters(family: str) -> None:
     assert peft_model.get_base_model().language_model.training  # LoRA dropout acts under train()
     before = {name: p.detach().clone() for name, p in peft_model.named_parameters()}
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
-    peft_model(**_batch(family)).loss.backward()
+    peft_model(**labelled_batch(family)).loss.backward()
     optimizer.step()
     changed = {name for name, p in peft_model.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(".lora_A." in name or ".lora_B." in name for name in changed)
@@ -146,7 +136,7 @@ def test_training_step_with_a_trainable_qformer_changes_lora_and_stage2_parts(tm
     peft_model.train()
     before = {name: p.detach().clone() for name, p in peft_model.named_parameters()}
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
-    peft_model(**_batch("opt")).loss.backward()
+    peft_model(**labelled_batch("opt")).loss.backward()
     optimizer.step()
     changed = {name for name, p in peft_model.named_parameters() if not torch.equal(p, before[name])}
     stage2 = {name for name in changed if ".modules_to_save." in name or name.endswith("query_tokens")}
@@ -186,7 +176,7 @@ def test_adapters_reload_onto_a_fresh_base_and_merge_to_the_same_logits(family: 
 @pytest.mark.parametrize("family", ["opt", "t5"])
 def test_generate_with_the_adapter_model(family: str) -> None:
     peft_model = add_lora(_model(family), init_lora_weights=False).eval()
-    batch = _batch(family)
+    batch = labelled_batch(family)
     sequences = peft_model.generate(
         pixel_values=batch["pixel_values"],
         input_ids=batch["input_ids"],
@@ -207,7 +197,7 @@ def test_blip2_trainer_trains_and_saves_the_adapter(tmp_path) -> None:
     from modeling_blip2 import Blip2Trainer, Blip2TrainingArguments
 
     peft_model = add_lora(_model("opt"), train_parts=["qformer"])
-    batch = _batch("opt")
+    batch = labelled_batch("opt")
     dataset = [{key: value[i] for key, value in batch.items()} for i in range(2)] * 2
     args = Blip2TrainingArguments(
         output_dir=str(tmp_path / "run"),

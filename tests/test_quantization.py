@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from tiny import TEXT, config_dict, pixels, prompt_with_image_tokens, randomise_
+from tiny import TEXT, config_dict, labelled_batch, randomise_
 from torch import nn
 
 from modeling_blip2 import Blip2Config, Blip2ForConditionalGeneration
@@ -52,16 +52,6 @@ def saved(tmp_path_factory) -> dict[str, tuple]:
     return folders
 
 
-def _batch(family: str) -> dict[str, torch.Tensor]:
-    ids, mask = prompt_with_image_tokens([[5, 6, 7], [8, 9, 10, 11]], TEXT[family]["pad_token_id"])
-    batch = {"pixel_values": pixels(), "input_ids": ids, "attention_mask": mask}
-    if family == "t5":
-        batch["labels"] = torch.tensor([[12, 13, 14], [15, 16, 17]])
-    else:
-        batch["labels"] = ids.masked_fill(mask == 0, -100)
-    return batch
-
-
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.float().flatten(), b.float().flatten()]))[0, 1])
 
@@ -96,7 +86,7 @@ def test_llm_is_quantized_and_the_rest_stays_full_precision(saved, family: str, 
     assert torch.equal(model.qformer.encoder.layer[0].attention.attention.query.weight,
                        reference.qformer.encoder.layer[0].attention.attention.query.weight)  # fmt: skip
 
-    batch = _batch(family)
+    batch = labelled_batch(family)
     with torch.no_grad():
         expected = reference(**batch)
         output = model(**batch)
@@ -118,8 +108,8 @@ def test_4bit_with_bf16_keeps_the_qformer_in_fp32(saved) -> None:
     assert model.language_projection.weight.dtype == torch.float32
     assert model.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
     with torch.no_grad():
-        logits = model(**_batch("opt")).logits
-        expected = reference(**_batch("opt")).logits
+        logits = model(**labelled_batch("opt")).logits
+        expected = reference(**labelled_batch("opt")).logits
     assert torch.isfinite(logits).all() and _correlation(logits, expected) > 0.9
 
 
@@ -145,7 +135,7 @@ def test_qlora_step_updates_lora_and_the_qformer(saved) -> None:
     assert not any("language_model" in name and "lora_" not in name for name in trainable)
     before = {name: p.detach().clone() for name, p in peft_model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    loss = peft_model(**_batch("opt")).loss
+    loss = peft_model(**labelled_batch("opt")).loss
     assert torch.isfinite(loss)
     loss.backward()
     optimizer.step()
@@ -196,4 +186,4 @@ def test_a_bare_bitsandbytes_config_quantizes_only_the_llm(saved) -> None:
     )
     assert all(name.startswith("language_model.") for name in quantized_module_names(model))
     with torch.no_grad():
-        assert torch.isfinite(model(**_batch("opt")).logits).all()
+        assert torch.isfinite(model(**labelled_batch("opt")).logits).all()

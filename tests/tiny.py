@@ -118,6 +118,17 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def labelled_batch(family: str) -> dict[str, torch.Tensor]:
+    """Two images with left-padded prompts and LM labels (decoder targets for T5): one training batch."""
+    ids, mask = prompt_with_image_tokens([[5, 6, 7], [8, 9, 10, 11]], TEXT[family]["pad_token_id"])
+    batch = {"pixel_values": pixels(), "input_ids": ids, "attention_mask": mask}
+    if family == "t5":
+        batch["labels"] = torch.tensor([[12, 13, 14], [15, 16, 17]])
+    else:
+        batch["labels"] = ids.masked_fill(mask == 0, -100)
+    return batch
+
+
 TINY_RANDOM = __import__("pathlib").Path(__file__).resolve().parents[1] / "hub_configs" / "tiny-random"
 
 

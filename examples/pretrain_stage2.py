@@ -52,16 +52,12 @@ class Stage2Arguments:
     max_length: int = 64
 
 
-def load_language_model(args: Stage2Arguments) -> Any:
-    """The frozen LLM in `--llm_dtype` (GGUF files are dequantised; their quantization_config is dropped)."""
-    kwargs = {"dtype": DTYPES[args.llm_dtype]}
-    if args.gguf_file:
-        kwargs["gguf_file"] = args.gguf_file
-    config = AutoConfig.from_pretrained(
-        args.language_model, **({"gguf_file": args.gguf_file} if args.gguf_file else {})
-    )
+def load_language_model(name_or_path: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32) -> Any:
+    """The frozen LLM in `dtype` (GGUF files are dequantised; their quantization_config is dropped)."""
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(name_or_path, **gguf)
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    language_model = model_class.from_pretrained(args.language_model, **kwargs)
+    language_model = model_class.from_pretrained(name_or_path, dtype=dtype, **gguf)
     if hasattr(language_model.config, "quantization_config"):
         del language_model.config.quantization_config  # the weights are dequantised; the config must not say otherwise
     return language_model
@@ -73,7 +69,7 @@ def main(argv: list[str] | None = None) -> Blip2Trainer:
     if args.llm_dtype not in DTYPES:
         raise ValueError(f"--llm_dtype must be one of {sorted(DTYPES)}, got {args.llm_dtype!r}")
     stage1 = Blip2ForPretraining.from_pretrained(args.stage1)
-    language_model = load_language_model(args)
+    language_model = load_language_model(args.language_model, args.gguf_file, DTYPES[args.llm_dtype])
     tokenizer_source = args.tokenizer or args.language_model
     tokenizer = AutoTokenizer.from_pretrained(
         tokenizer_source, **({"gguf_file": args.gguf_file} if args.gguf_file and not args.tokenizer else {})

@@ -8,18 +8,26 @@ from transformers import (
     AutoModel,
     AutoModelForImageTextToText,
     AutoModelForPreTraining,
+    AutoModelForTextEncoding,
     AutoModelForVisualQuestionAnswering,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
 
 from .configuration import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from .embedding_models import (
+    Blip2TextModelOutput,
+    Blip2TextModelWithProjection,
+    Blip2VisionModelOutput,
+    Blip2VisionModelWithProjection,
+)
 from .handoff import HandoffReport, build_stage2_from_stage1, load_stage1_into, stage2_state_dict_from_stage1
 from .initialization import InitReport, init_qformer_from_bert, qformer_config_from_bert
 from .modeling import (
     Blip2ConditionalGenerationOutput,
     Blip2ForConditionalGeneration,
     Blip2ImageEncodingOutput,
+    Blip2ImageFeaturesOutput,
     Blip2Model,
     Blip2PreTrainedModel,
     Blip2QFormerModel,
@@ -62,13 +70,18 @@ def register_auto_classes() -> None:
     """
     for config_class in (Blip2Config, Blip2VisionConfig, Blip2QFormerConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    AutoModel.register(Blip2Config, Blip2Model, exist_ok=True)
+    # Several classes per config: AutoModel picks the one named in the checkpoint's `architectures` (default
+    # Blip2Model), so a saved embedding model loads back as itself.
+    AutoModel.register(
+        Blip2Config, (Blip2Model, Blip2TextModelWithProjection, Blip2VisionModelWithProjection), exist_ok=True
+    )
     AutoModel.register(Blip2VisionConfig, Blip2VisionModel, exist_ok=True)
     AutoModel.register(Blip2QFormerConfig, Blip2QFormerModel, exist_ok=True)
     AutoModelForImageTextToText.register(Blip2Config, Blip2ForConditionalGeneration, exist_ok=True)
     AutoModelForVisualQuestionAnswering.register(Blip2Config, Blip2ForConditionalGeneration, exist_ok=True)
     AutoModelForPreTraining.register(Blip2Config, Blip2ForPretraining, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(Blip2Config, Blip2ForImageTextRetrieval, exist_ok=True)
+    AutoModelForTextEncoding.register(Blip2Config, Blip2TextModelWithProjection, exist_ok=True)
     AutoProcessor.register(Blip2Config, Blip2ImageTextProcessor, exist_ok=True)
 
 
@@ -83,6 +96,7 @@ __all__ = [
     "Blip2ForImageTextRetrieval",
     "Blip2ForPretraining",
     "Blip2ImageEncodingOutput",
+    "Blip2ImageFeaturesOutput",
     "Blip2ImageTextCollator",
     "Blip2ImageTextProcessor",
     "Blip2ImageToTextPipeline",
@@ -91,10 +105,14 @@ __all__ = [
     "Blip2QFormerConfig",
     "Blip2QFormerModel",
     "Blip2TextEmbeddings",
+    "Blip2TextModelOutput",
+    "Blip2TextModelWithProjection",
     "Blip2Trainer",
     "Blip2TrainingArguments",
     "Blip2VisionConfig",
     "Blip2VisionModel",
+    "Blip2VisionModelOutput",
+    "Blip2VisionModelWithProjection",
     "Blip2VisualQuestionAnsweringPipeline",
     "FrozenFeatureDataset",
     "HandoffReport",

@@ -136,14 +136,33 @@ class Blip2ConditionalGenerationOutput(ModelOutput):
 
 
 @dataclass
-class _LanguageModelInputs:
-    """Prompt ids with exactly `num_query_tokens` image positions per row, and what goes with them."""
+class Blip2ImageFeaturesOutput(BaseModelOutputWithPooling):
+    """`get_image_features` output, in transformers 5's layout for models that bridge an image encoder to an LLM.
 
-    input_ids: torch.Tensor  # (B, L + Q) when queries were inserted, else (B, L)
+    Args:
+        last_hidden_state: `(batch, 1 + num_patches, vision_hidden)` vision encoder output (post-LayerNorm).
+        pooler_output: `(batch, num_query_tokens, llm_hidden)` soft visual prompts (the projected query outputs).
+        hidden_states: The vision encoder's hidden states, when asked for (`output_hidden_states`).
+        attentions: The vision encoder's attention weights, when asked for (`output_attentions`).
+        vision_outputs: The full vision model output.
+        qformer_outputs: The full Q-Former output (`last_hidden_state` `(batch, num_query_tokens [+ T],
+            qformer_hidden)`).
+    """
+
+    vision_outputs: BaseModelOutputWithPooling | None = None
+    qformer_outputs: BaseModelOutputWithPoolingAndCrossAttentions | None = None
+
+
+@dataclass
+class _LanguageModelInputs:
+    """A prompt with exactly `num_query_tokens` image positions per row, and what goes with it."""
+
+    input_ids: torch.Tensor | None  # (B, L + Q) when queries were inserted, else (B, L); None for embeddings only
     attention_mask: torch.Tensor
     labels: torch.Tensor | None
     image_positions: torch.Tensor  # (B, L'), bool
     inserted: bool
+    inputs_embeds: torch.Tensor | None = None  # (B, L', llm_hidden) when the caller gave embeddings
 
 
 class Blip2PreTrainedModel(PreTrainedModel):
@@ -199,15 +218,14 @@ class Blip2PreTrainedModel(PreTrainedModel):
                 )
             kwargs["use_safetensors"] = True
         quantization_config = kwargs.get("quantization_config")
-        if (
-            cls._quantization_skip_modules
-            and getattr(quantization_config, "quant_method", None) == "bitsandbytes"
-            and quantization_config.llm_int8_skip_modules is None
-        ):
+        if cls._quantization_skip_modules and getattr(quantization_config, "quant_method", None) == "bitsandbytes":
             # transformers' bitsandbytes quantizers would convert every nn.Linear but the LLM head: keep the image
             # encoder, query tokens, Q-Former and projection out of it (the LLM is what 8-/4-bit loading is for).
+            # A caller's own skip list is kept, and the fp32 modules are always added to it.
+            given = quantization_config.llm_int8_skip_modules
+            skip = list(cls._quantization_skip_modules) if given is None else [*given, *FP32_MODULES]
             quantization_config = copy.deepcopy(quantization_config)
-            quantization_config.llm_int8_skip_modules = list(cls._quantization_skip_modules)
+            quantization_config.llm_int8_skip_modules = list(dict.fromkeys(skip))
             kwargs["quantization_config"] = quantization_config
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
@@ -602,9 +620,9 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
     checkpoints, unchanged.
     """
 
+    # fp32 under fp16 *and* bf16 loading. transformers requires the strict and non-strict lists to be disjoint;
+    # 8-/4-bit loading keeps these modules unquantized through `_quantization_skip_modules` (see `from_pretrained`).
     _keep_in_fp32_modules_strict = FP32_MODULES
-    # Also read by transformers' quantizers, which skip these modules (they ignore the strict list).
-    _keep_in_fp32_modules = FP32_MODULES
     _quantization_skip_modules = ("vision_model", "query_tokens", "qformer", "language_projection", "lm_head")
 
     def __init__(self, config: Blip2Config) -> None:
@@ -758,6 +776,43 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             qformer_outputs=qformer_outputs,
         )
 
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Blip2ImageFeaturesOutput | tuple:
+        """Images encoded for the LLM, in transformers 5's layout: `last_hidden_state` is the vision encoder output
+        `(batch, 1 + num_patches, vision_hidden)` and `pooler_output` the soft visual prompts `(batch,
+        num_query_tokens, llm_hidden)`; `vision_outputs` and `qformer_outputs` hold both parts' full outputs.
+
+        Gradients flow (nothing is detached). `qformer_input_ids` / `qformer_attention_mask` condition the queries
+        on a question (see `encode_images`, the reuse API that also takes cached features).
+        """
+        encoding = self.encode_images(
+            pixel_values,
+            interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
+        )
+        vision = encoding.vision_outputs
+        features = Blip2ImageFeaturesOutput(
+            last_hidden_state=vision.last_hidden_state,
+            pooler_output=encoding.language_model_inputs,
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+            vision_outputs=vision,
+            qformer_outputs=encoding.qformer_outputs,
+        )
+        return features if _wants_dict(return_dict, self.config) else features.to_tuple()
+
     def _check_qformer_text(
         self, qformer_input_ids: torch.Tensor, qformer_attention_mask: torch.Tensor | None, batch: int
     ) -> torch.Tensor:
@@ -797,62 +852,93 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
 
     def _place_image_tokens(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> _LanguageModelInputs:
         """Finds the `num_query_tokens` image positions of every row, inserting them if the prompt has none.
 
-        Inserted positions go right after any left padding, so a left-padded batch lays out exactly like one
-        prompt at a time.
+        The positions are the image tokens of `input_ids`, or (embeddings alone) the rows of `inputs_embeds` equal to
+        the image token's embedding. Inserted positions go right after any left padding, so a left-padded batch lays
+        out exactly like one prompt at a time.
         """
         num_queries = self.config.num_query_tokens
         image_token = self.config.image_token_index
-        batch, length = input_ids.shape
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, length = reference.shape[:2]
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=reference.device)
         if tuple(attention_mask.shape) != (batch, length):
+            what = "input_ids" if input_ids is not None else "inputs_embeds"
             raise ValueError(
-                f"attention_mask must have the shape of input_ids {(batch, length)}, got {tuple(attention_mask.shape)}"
+                f"attention_mask must have the shape of {what} {(batch, length)}, got {tuple(attention_mask.shape)}"
             )
-        counts = (input_ids == image_token).sum(dim=1) if image_token is not None else input_ids.new_zeros(batch)
+        image_mask = self._image_token_mask(input_ids, inputs_embeds)
+        if torch.compiler.is_compiling():
+            # Compiled graphs cannot branch on the data: they take the processor layout as given.
+            labels = None if labels is None else labels.masked_fill(image_mask, IGNORE_INDEX)
+            return _LanguageModelInputs(input_ids, attention_mask, labels, image_mask, False, inputs_embeds)
+        counts = image_mask.sum(dim=1)
         if bool((counts == num_queries).all()):
-            image_positions = input_ids == image_token
             if labels is not None:
-                labels = labels.masked_fill(image_positions, IGNORE_INDEX)
-            return _LanguageModelInputs(input_ids, attention_mask, labels, image_positions, inserted=False)
+                labels = labels.masked_fill(image_mask, IGNORE_INDEX)
+            return _LanguageModelInputs(input_ids, attention_mask, labels, image_mask, False, inputs_embeds)
         if bool((counts != 0).any()):
             row = int(torch.nonzero(counts != num_queries)[0])
             if bool((counts == num_queries).any()):
                 row = int(torch.nonzero(counts == 0)[0]) if bool((counts == 0).any()) else row
+            where = "input_ids" if input_ids is not None else "inputs_embeds (rows equal to the image token embedding)"
             raise ValueError(
-                f"row {row} of input_ids has {int(counts[row])} image tokens (id {image_token}); every row must hold "
+                f"row {row} of {where} has {int(counts[row])} image tokens (id {image_token}); every row must hold "
                 f"exactly num_query_tokens={num_queries} of them, or none (then the queries are prepended). "
                 f"Counts per row: {counts.tolist()}"
             )
 
         # (B, L) -> (B, L + Q): the queries go after each row's leading padding.
         offsets = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)  # (B, 1)
-        positions = torch.arange(length + num_queries, device=input_ids.device)[None]  # (1, L + Q)
+        positions = torch.arange(length + num_queries, device=reference.device)[None]  # (1, L + Q)
         image_positions = (positions >= offsets) & (positions < offsets + num_queries)  # (B, L + Q)
         source = torch.where(positions < offsets, positions, positions - num_queries).clamp(0, max(length - 1, 0))
 
-        def spread(values: torch.Tensor, image_value: int) -> torch.Tensor:
+        def spread(values: torch.Tensor | None, image_value: int) -> torch.Tensor | None:
+            if values is None:
+                return None
+            width = values.shape[2:]
             if length == 0:
-                return values.new_full((batch, num_queries), image_value)
-            return torch.gather(values, 1, source.expand(batch, -1)).masked_fill(image_positions, image_value)
+                return values.new_full((batch, num_queries, *width), image_value)
+            index = source.expand(batch, -1).reshape(batch, -1, *([1] * len(width))).expand(-1, -1, *width)
+            mask = image_positions.reshape(batch, -1, *([1] * len(width)))
+            return torch.gather(values, 1, index).masked_fill(mask, image_value)
 
         placeholder = image_token if image_token is not None else 0
         return _LanguageModelInputs(
             input_ids=spread(input_ids, placeholder),
             attention_mask=spread(attention_mask, 1),
-            labels=None if labels is None else spread(labels, IGNORE_INDEX),
+            labels=spread(labels, IGNORE_INDEX),
             image_positions=image_positions,
             inserted=True,
+            inputs_embeds=spread(inputs_embeds, 0),
         )
 
+    def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """`(B, L)` bool: where the prompt holds the image token (by id, or by its embedding when only embeddings
+        are given)."""
+        image_token = self.config.image_token_index
+        if input_ids is not None:
+            if image_token is None:
+                return torch.zeros_like(input_ids, dtype=torch.bool)
+            return input_ids == image_token
+        if image_token is None:
+            return torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        image_embedding = self.get_input_embeddings()(torch.tensor(image_token, device=inputs_embeds.device))
+        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(dim=-1)
+
     def _embed_prompt(self, prepared: _LanguageModelInputs, language_model_inputs: torch.Tensor) -> torch.Tensor:
-        embeddings = self.get_input_embeddings()(prepared.input_ids)
+        if prepared.inputs_embeds is not None:
+            embeddings = prepared.inputs_embeds
+        else:
+            embeddings = self.get_input_embeddings()(prepared.input_ids)
         soft_prompts = language_model_inputs.to(embeddings.device, embeddings.dtype)
         return embeddings.masked_scatter(prepared.image_positions[..., None].to(embeddings.device), soft_prompts)
 
@@ -870,25 +956,46 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None,
         encoding: Blip2ImageEncodingOutput,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> _LanguageModelInputs:
         batch = encoding.language_model_inputs.shape[0]
-        if input_ids is None:
+        if inputs_embeds is not None:
+            width = self.config.text_config.hidden_size
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
+                raise ValueError(
+                    f"inputs_embeds must be (batch, length, {width}) (the LLM's hidden size), "
+                    f"got shape {tuple(inputs_embeds.shape)}"
+                )
+            if input_ids is not None and tuple(input_ids.shape) != tuple(inputs_embeds.shape[:2]):
+                raise ValueError(
+                    f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} must "
+                    "describe the same (batch, length)"
+                )
+        elif input_ids is None:
             if attention_mask is not None:
-                raise ValueError("attention_mask was given without input_ids")
+                raise ValueError("attention_mask was given without input_ids or inputs_embeds")
             input_ids = self._default_prompt(batch, encoding.language_model_inputs.device)
-        if input_ids.dim() != 2:
+        reference = input_ids if input_ids is not None else inputs_embeds
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[0] != batch:
+        if reference.shape[0] != batch:
             raise ValueError(
-                f"got {batch} images but {input_ids.shape[0]} texts: pixel_values and input_ids need one batch size"
+                f"got {batch} images but {reference.shape[0]} texts: pixel_values and {name} need one batch size"
             )
-        if labels is not None and self.config.use_decoder_only_language_model and labels.shape != input_ids.shape:
+        if (
+            labels is not None
+            and self.config.use_decoder_only_language_model
+            and tuple(labels.shape) != tuple(reference.shape[:2])
+        ):
             raise ValueError(
-                f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+                f"labels must have the shape of {name} {tuple(reference.shape[:2])}, got {tuple(labels.shape)}"
             )
         if labels is not None and labels.shape[0] != batch:
             raise ValueError(f"labels have batch size {labels.shape[0]}, the images {batch}")
-        return self._place_image_tokens(input_ids, attention_mask, labels if self._labels_follow_prompt() else None)
+        return self._place_image_tokens(
+            input_ids, attention_mask, labels if self._labels_follow_prompt() else None, inputs_embeds
+        )
 
     def _labels_follow_prompt(self) -> bool:
         # Decoder-only labels align with the prompt; encoder-decoder labels are decoder targets.
@@ -901,6 +1008,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         output_attentions: bool | None = None,
@@ -919,6 +1027,8 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
                 layout) or none (the queries are then placed before the text, after any left padding).
             attention_mask: `(batch, L)` padding mask of `input_ids`.
             decoder_input_ids, decoder_attention_mask: Decoder inputs of encoder-decoder LLMs.
+            inputs_embeds: `(batch, L, llm_hidden)` prompt embeddings instead of (or along with) `input_ids`; their
+                image positions are those of `input_ids`, else the rows equal to the image token's embedding.
             labels: Decoder-only: `(batch, L)` like `input_ids`, -100 where no loss is taken (image positions are
                 always ignored). Encoder-decoder: decoder target ids.
             qformer_input_ids, qformer_attention_mask: `(batch, T)` question for a Q-Former with text input (the
@@ -934,8 +1044,8 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             qformer_attention_mask=qformer_attention_mask,
             frozen_image_features=frozen_image_features,
         )
-        prepared = self._prepare_prompt(input_ids, attention_mask, labels, encoding)
-        self._check_sequence_fits(prepared.input_ids.shape[1], "the prompt")
+        prepared = self._prepare_prompt(input_ids, attention_mask, labels, encoding, inputs_embeds)
+        self._check_sequence_fits(prepared.attention_mask.shape[1], "the prompt")
         inputs_embeds = self._embed_prompt(prepared, encoding.language_model_inputs)
         common = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         if self.config.use_decoder_only_language_model:
@@ -971,59 +1081,69 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
 class Blip2Model(_Blip2WithLanguageModel):
     """BLIP-2 with feature getters for each part: images, Q-Former queries and LLM text features."""
 
-    def get_image_features(
-        self,
-        pixel_values: torch.Tensor,
-        interpolate_pos_encoding: bool = False,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-    ) -> BaseModelOutputWithPooling:
-        """Vision encoder output: `last_hidden_state` `(batch, 1 + num_patches, vision_hidden)`."""
-        return self.vision_model(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-
     def get_qformer_features(
         self,
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
-    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
-        """Q-Former output: `last_hidden_state` `(batch, num_query_tokens, qformer_hidden)`, or `(batch,
-        num_query_tokens + T, qformer_hidden)` with a `(batch, T)` question in `qformer_input_ids`."""
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The Q-Former's last hidden states, `(batch, num_query_tokens, qformer_hidden)` (as transformers' class
+        returns), or `(batch, num_query_tokens + T, qformer_hidden)` with a `(batch, T)` question in
+        `qformer_input_ids`. The full outputs are in `get_image_features(...).qformer_outputs`."""
         return self.encode_images(
             pixel_values,
             interpolate_pos_encoding,
-            output_attentions,
-            output_hidden_states,
             qformer_input_ids=qformer_input_ids,
             qformer_attention_mask=qformer_attention_mask,
-        ).qformer_outputs
+        ).qformer_outputs.last_hidden_state
 
     def get_text_features(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> ModelOutput:
-        """LLM hidden states of text alone (decoder-only: the decoder stack; encoder-decoder: the encoder)."""
+    ) -> BaseModelOutputWithPooling | tuple:
+        """LLM hidden states of text alone (decoder-only: the decoder stack; encoder-decoder: the encoder).
+
+        `last_hidden_state` is `(batch, length, llm_hidden)`; `pooler_output` is None (the LLM has no pooler).
+        `decoder_input_ids`, `decoder_attention_mask` and `labels` are accepted for transformers' signature and not
+        used: the text features are the encoder's.
+        """
         text_model = (
             self.language_model.base_model
             if self.config.use_decoder_only_language_model
             else self.language_model.get_encoder()
         )
-        return text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        outputs = text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        features = BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return features if _wants_dict(return_dict, self.config) else features.to_tuple()
 
 
 class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
     """BLIP-2 for image-conditioned text generation (captioning, VQA) with a decoder-only or encoder-decoder LLM."""
+
+    # The forward has no data-dependent branch under torch.compile (the processor layout is taken as given there);
+    # whether decoding compiles is then the LLM's own `_can_compile_fullgraph`.
+    _can_compile_fullgraph = True
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """`PreTrainedModel.save_pretrained`, plus the pipeline code and `custom_pipelines` entries (see
@@ -1037,27 +1157,13 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
         self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def get_image_features(
-        self,
-        pixel_values: torch.Tensor,
-        interpolate_pos_encoding: bool = False,
-        qformer_input_ids: torch.Tensor | None = None,
-        qformer_attention_mask: torch.Tensor | None = None,
-    ) -> Blip2ImageEncodingOutput:
-        """Images encoded for the LLM; `language_model_inputs` are the soft visual prompts."""
-        return self.encode_images(
-            pixel_values,
-            interpolate_pos_encoding,
-            qformer_input_ids=qformer_input_ids,
-            qformer_attention_mask=qformer_attention_mask,
-        )
-
     @torch.no_grad()
     def generate(
         self,
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
@@ -1073,13 +1179,16 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
         Args:
             pixel_values: `(batch, 3, H, W)` images (or give `image_encoding`).
             input_ids, attention_mask: `(batch, L)` prompts, left-padded, as in `forward`.
+            inputs_embeds: `(batch, L, llm_hidden)` prompt embeddings instead of (or along with) `input_ids`, as in
+                `forward`.
             qformer_input_ids, qformer_attention_mask: `(batch, T)` question for a Q-Former with text input.
             image_encoding: A precomputed `encode_images` output (e.g. `encoding.select(image_of_each_prompt)`),
                 instead of `pixel_values`: its `language_model_inputs` `(batch, num_query_tokens, llm_hidden)` are
                 used as they are, so a question for the Q-Former goes to `encode_images`, not here.
 
         Returns, for decoder-only LLMs, the prompt ids as given followed by the new tokens (with no prompt: BOS
-        and the new tokens); for encoder-decoder LLMs, the decoder ids.
+        and the new tokens; with `inputs_embeds` and no `input_ids`: the new tokens only, as transformers does); for
+        encoder-decoder LLMs, the decoder ids.
         """
         if image_encoding is None:
             if pixel_values is None and frozen_image_features is None:
@@ -1108,11 +1217,11 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
         if self.config.use_decoder_only_language_model and attention_mask is not None:
             _check_left_padded(attention_mask)
         soft_prompts = encoding.language_model_inputs
-        user_ids = (
-            input_ids if input_ids is not None else self._default_prompt(soft_prompts.shape[0], soft_prompts.device)
-        )
-        prepared = self._prepare_prompt(user_ids, attention_mask, None, encoding)
-        prompt_length = prepared.input_ids.shape[1]
+        user_ids = input_ids
+        if input_ids is None and inputs_embeds is None:
+            user_ids = self._default_prompt(soft_prompts.shape[0], soft_prompts.device)
+        prepared = self._prepare_prompt(user_ids, attention_mask, None, encoding, inputs_embeds)
+        prompt_length = prepared.attention_mask.shape[1]
         self._check_sequence_fits(
             prompt_length + int(generate_kwargs.get("max_new_tokens") or 0), "prompt + new tokens"
         )
@@ -1120,6 +1229,11 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
         del encoding  # the image features are not needed while decoding
         generate_kwargs = _with_generation_defaults(self.generation_config, generate_kwargs)
         if not self.config.use_decoder_only_language_model:
+            return self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=prepared.attention_mask, **generate_kwargs
+            )
+        if prepared.input_ids is None:
+            # Embeddings alone: transformers then returns the new tokens only.
             return self.language_model.generate(
                 inputs_embeds=inputs_embeds, attention_mask=prepared.attention_mask, **generate_kwargs
             )

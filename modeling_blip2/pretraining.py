@@ -29,7 +29,14 @@ from .losses import (
     rank_and_world_size,
     sample_hard_negatives,
 )
-from .modeling import Blip2PreTrainedModel, Blip2QFormerModel, Blip2VisionModel
+from .modeling import (
+    QFORMER_TEXT_EMBEDDINGS_PATTERN,
+    Blip2ImageFeaturesOutput,
+    Blip2PreTrainedModel,
+    Blip2QFormerModel,
+    Blip2VisionModel,
+    _wants_dict,
+)
 from .qformer import Blip2QFormerLMHead, Blip2TextEmbeddings
 
 STAGE1_LOSSES = ("itc", "itm", "itg")
@@ -99,6 +106,18 @@ class Blip2PretrainingOutput(ModelOutput):
 class _Blip2Stage1Model(Blip2PreTrainedModel):
     """Frozen-encoder side of BLIP-2: vision encoder, queries, Q-Former with text input, ITC projections, ITM head."""
 
+    # Under fp16/bf16 loading only the frozen ViT body changes dtype; what stage 1 trains stays fp32 (the paper's
+    # recipe, as in the generative classes).
+    _keep_in_fp32_modules_strict = [
+        "query_tokens",
+        "qformer",
+        QFORMER_TEXT_EMBEDDINGS_PATTERN,
+        "vision_model.post_layernorm",
+        "vision_projection",
+        "text_projection",
+        "itm_head",
+    ]
+
     def __init__(self, config: Blip2Config) -> None:
         if not config.qformer_config.use_qformer_text_input:
             raise ValueError(
@@ -146,21 +165,27 @@ class _Blip2Stage1Model(Blip2PreTrainedModel):
             )
         return self.vision_model.apply_post_layernorm(frozen_image_features)
 
-    def query_outputs(self, image_embeds: torch.Tensor) -> BaseModelOutputWithPoolingAndCrossAttentions:
+    def query_outputs(
+        self, image_embeds: torch.Tensor, **qformer_kwargs: Any
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
         """The queries after the Q-Former, cross-attending to `image_embeds`: `(B, num_query_tokens, hidden)`."""
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(queries, encoder_hidden_states=image_embeds, return_dict=True)
+        return self.qformer(queries, encoder_hidden_states=image_embeds, return_dict=True, **qformer_kwargs)
 
     def project_image(self, query_output: torch.Tensor) -> torch.Tensor:
         """`(B, Q, hidden)` -> `(B, Q, embed_dim)` L2-normalised contrastive image embeddings."""
         return F.normalize(self.vision_projection(query_output.to(self.vision_projection.weight.dtype)), dim=-1)
 
     def text_outputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **qformer_kwargs: Any
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
         """The text alone through the Q-Former (the unimodal text pass): `(B, T, hidden)`."""
         return self.qformer(
-            self.embeddings(input_ids), query_length=0, attention_mask=attention_mask, return_dict=True
+            self.embeddings(input_ids),
+            query_length=0,
+            attention_mask=attention_mask,
+            return_dict=True,
+            **qformer_kwargs,
         )
 
     def project_text(self, text_output: torch.Tensor) -> torch.Tensor:
@@ -168,28 +193,71 @@ class _Blip2Stage1Model(Blip2PreTrainedModel):
         return F.normalize(self.text_projection(text_output[:, 0].to(self.text_projection.weight.dtype)), dim=-1)
 
     def matching_outputs(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **qformer_kwargs: Any,
     ) -> tuple[torch.Tensor, BaseModelOutputWithPoolingAndCrossAttentions]:
         """ITM: `[queries; text]` with the bidirectional mask, queries cross-attending to the image.
 
         Returns the `(B, 2)` logits (the ITM head averaged over the query outputs) and the Q-Former output.
         """
         num_queries = self.config.num_query_tokens
-        outputs = self._queries_with_text(image_embeds, input_ids, attention_mask, "bidirectional")
+        outputs = self._queries_with_text(image_embeds, input_ids, attention_mask, "bidirectional", **qformer_kwargs)
         query_part = outputs.last_hidden_state[:, :num_queries].to(self.itm_head.weight.dtype)
         return self.itm_head(query_part).mean(dim=1), outputs
 
-    # -- public feature API ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """`(B, num_query_tokens, embed_dim)` normalised contrastive image embeddings."""
-        image_embeds = self.image_embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        return self.project_image(self.query_outputs(image_embeds).last_hidden_state)
+    # -- public feature API (transformers 5's dual-encoder getters) ----------------------------------------------
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Blip2ImageFeaturesOutput | tuple:
+        """Contrastive image embeddings: `pooler_output` is `(B, num_query_tokens, embed_dim)`, L2-normalised (one
+        per query; ITC takes the best-matching one); `last_hidden_state` is the vision encoder output, and
+        `vision_outputs` / `qformer_outputs` the full outputs. Gradients flow."""
+        wanted = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        vision_outputs = self.vision_model(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **wanted
+        )
+        qformer_outputs = self.query_outputs(vision_outputs.last_hidden_state, **wanted)
+        features = Blip2ImageFeaturesOutput(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=self.project_image(qformer_outputs.last_hidden_state),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+            vision_outputs=vision_outputs,
+            qformer_outputs=qformer_outputs,
+        )
+        return features if _wants_dict(return_dict, self.config) else features.to_tuple()
 
-    @torch.no_grad()
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`(B, embed_dim)` normalised contrastive text embeddings."""
-        return self.project_text(self.text_outputs(input_ids, attention_mask).last_hidden_state)
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Contrastive text embeddings: `pooler_output` is `(B, embed_dim)`, the L2-normalised projection of the
+        `[CLS]` output of the unimodal text pass; `last_hidden_state` is that pass's `(B, T, qformer_hidden)`
+        output. Gradients flow."""
+        outputs = self.text_outputs(
+            input_ids, attention_mask, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        features = BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=self.project_text(outputs.last_hidden_state),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return features if _wants_dict(return_dict, self.config) else features.to_tuple()
 
     def _strip_image_tokens(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -222,8 +290,10 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1Model):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         use_image_text_matching_head: bool = False,
-        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
         **kwargs: Any,
     ) -> Blip2ImageTextMatchingOutput | tuple:
         """Scores images against texts.
@@ -234,7 +304,10 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1Model):
             attention_mask: `(num_texts, T)`.
             use_image_text_matching_head: ITM pair scores instead of ITC all-pairs similarities.
         """
-        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        wanted = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        vision_outputs = self.vision_model(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **wanted
+        )
         image_embeds = vision_outputs.last_hidden_state
         input_ids, attention_mask = self._strip_image_tokens(input_ids, attention_mask)
         if use_image_text_matching_head:
@@ -242,7 +315,7 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1Model):
                 raise ValueError(
                     f"image-text matching scores pairs: got {image_embeds.shape[0]} images, {input_ids.shape[0]} texts"
                 )
-            logits, text_outputs = self.matching_outputs(image_embeds, input_ids, attention_mask)
+            logits, text_outputs = self.matching_outputs(image_embeds, input_ids, attention_mask, **wanted)
             output = Blip2ImageTextMatchingOutput(
                 logits_per_image=logits,
                 logits_per_text=logits.t(),
@@ -253,7 +326,7 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1Model):
             )
         else:
             image_features = self.project_image(self.query_outputs(image_embeds).last_hidden_state)
-            text_outputs = self.text_outputs(input_ids, attention_mask)
+            text_outputs = self.text_outputs(input_ids, attention_mask, **wanted)
             text_features = self.project_text(text_outputs.last_hidden_state)
             # (I, Q, E) x (E, T) -> (I, Q, T): the best-matching query decides.
             logits_per_image = torch.matmul(image_features, text_features.t()).max(dim=1).values
@@ -265,7 +338,7 @@ class Blip2ForImageTextRetrieval(_Blip2Stage1Model):
                 text_model_output=text_outputs,
                 vision_model_output=vision_outputs,
             )
-        return output if return_dict is not False else output.to_tuple()
+        return output if _wants_dict(return_dict, self.config) else output.to_tuple()
 
 
 class Blip2ForPretraining(_Blip2Stage1Model):
@@ -276,6 +349,7 @@ class Blip2ForPretraining(_Blip2Stage1Model):
     """
 
     _tied_weights_keys = {"qformer_lm_head.decoder.weight": "embeddings.word_embeddings.weight"}
+    _keep_in_fp32_modules_strict = [*_Blip2Stage1Model._keep_in_fp32_modules_strict, "temp", "qformer_lm_head"]
     # The stage-1 terms are batch means: Trainer must divide them by the gradient-accumulation steps itself.
     accepts_loss_kwargs = False
 

@@ -185,15 +185,24 @@ class Blip2TextEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, query_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        query_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`(B, T)` ids (and optional `(B, T)` or `(T,)` positions, default `0..T-1`) -> `(B, [Q +] T, hidden)`."""
         length = input_ids.shape[1]
         if length > self.config.max_position_embeddings:
             raise ValueError(
                 f"Q-Former text of {length} tokens exceeds its max_position_embeddings "
                 f"({self.config.max_position_embeddings}); truncate it in the tokenizer"
             )
-        positions = torch.arange(length, device=input_ids.device)
-        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device)[None]
+        elif position_ids.shape[-1] != length:
+            raise ValueError(f"position_ids must have {length} positions, got shape {tuple(position_ids.shape)}")
+        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         if query_embeds is not None:
             embeddings = torch.cat([query_embeds.to(embeddings.dtype), embeddings], dim=1)
         return embeddings

@@ -70,17 +70,15 @@ def register_auto_classes() -> None:
     """
     for config_class in (Blip2Config, Blip2VisionConfig, Blip2QFormerConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    # Several classes per config: AutoModel picks the one named in the checkpoint's `architectures` (default
-    # Blip2Model), so a saved embedding model loads back as itself.
-    AutoModel.register(
-        Blip2Config, (Blip2Model, Blip2TextModelWithProjection, Blip2VisionModelWithProjection), exist_ok=True
-    )
+    AutoModel.register(Blip2Config, Blip2Model, exist_ok=True)
     AutoModel.register(Blip2VisionConfig, Blip2VisionModel, exist_ok=True)
     AutoModel.register(Blip2QFormerConfig, Blip2QFormerModel, exist_ok=True)
     AutoModelForImageTextToText.register(Blip2Config, Blip2ForConditionalGeneration, exist_ok=True)
     AutoModelForVisualQuestionAnswering.register(Blip2Config, Blip2ForConditionalGeneration, exist_ok=True)
     AutoModelForPreTraining.register(Blip2Config, Blip2ForPretraining, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(Blip2Config, Blip2ForImageTextRetrieval, exist_ok=True)
+    # The text half of the contrastive space is a text encoder. transformers has no Auto class for image embedding
+    # models (nor registers its own Blip2VisionModelWithProjection): load that one by its class.
     AutoModelForTextEncoding.register(Blip2Config, Blip2TextModelWithProjection, exist_ok=True)
     AutoProcessor.register(Blip2Config, Blip2ImageTextProcessor, exist_ok=True)
 

@@ -41,9 +41,10 @@ from .vision import Blip2VisionEmbeddings, Blip2VisionEncoder
 IGNORE_INDEX = -100
 # Modules trained in fp32 while the frozen encoder and LLM run in fp16/bf16 (the paper's precision recipe).
 FP32_MODULES = ["query_tokens", "qformer", "language_projection", "vision_model.post_layernorm"]
-# The Q-Former text embeddings, present only with a question-conditioned Q-Former; a pattern anchored at the top level
-# (loading matches these as regular expressions, and `vision_model.embeddings` must keep the ViT's dtype).
-QFORMER_TEXT_EMBEDDINGS_PATTERN = r"^embeddings\."
+# The Q-Former text embeddings (top-level `embeddings.*`). Loading searches these names as regular expressions anywhere
+# in a key, and transformers' checks wrap them as `(?:^|\.)NAME(?:\.|$)`: the lookbehind keeps both to the top
+# level, so `vision_model.embeddings` (and any LLM's embeddings) keep the dtype they were loaded in.
+QFORMER_TEXT_EMBEDDINGS_PATTERN = r"(?<![\w.])embeddings"
 # transformers consults `config.custom_pipelines` before redirecting "image-to-text" / refusing
 # "visual-question-answering": saved checkpoints name our pipeline classes there and carry their code (pipelines.py
 # and what it imports), so `pipeline(task, model=checkpoint, trust_remote_code=True)` runs them.

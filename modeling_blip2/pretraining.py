@@ -445,7 +445,7 @@ class Blip2ForPretraining(_Blip2Stage1Model):
             output.itg_logits = self.itg_logits(image_embeds, decoder_input_ids, attention_mask)
             output.loss_itg = itg_loss(output.itg_logits, labels)
         output.loss = Stage1Losses.combine(output.loss_itc, output.loss_itm, output.loss_itg).loss
-        return output if return_dict is not False else output.to_tuple()
+        return output if _wants_dict(return_dict, self.config) else output.to_tuple()
 
     def _itm_logits_with_hard_negatives(
         self,

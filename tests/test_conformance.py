@@ -226,7 +226,7 @@ def test_get_qformer_features_is_the_builtin_tensor(tmp_path) -> None:
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
 
 
-# -- forward: outputs, tuples, attention implementations ---------------------------------------------------------------
+# -- forward: outputs, tuples, attention implementations -------------------------------------------------------------
 @pytest.mark.parametrize("model_class", [Blip2ForImageTextRetrieval, Blip2TextModelWithProjection])
 def test_stage1_forward_honours_output_flags(model_class: type) -> None:
     tester = ModelTester()
@@ -372,9 +372,7 @@ def test_generate_from_inputs_embeds_matches_ids_and_the_builtin(family: str, tm
     both = ours.generate(
         pixel_values=images, input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **settings
     )
-    stock_embeds = stock.generate(
-        pixel_values=images, inputs_embeds=embeds, attention_mask=attention_mask, **settings
-    )
+    stock_embeds = stock.generate(pixel_values=images, inputs_embeds=embeds, attention_mask=attention_mask, **settings)
     assert torch.equal(both, from_ids)
     assert torch.equal(from_embeds, stock_embeds)
     new_tokens = from_ids if family == "t5" else from_ids[:, input_ids.shape[1] :]
@@ -442,7 +440,7 @@ def test_compiled_forward_equals_eager_other_families(family: str) -> None:
     _compile_equals_eager(family)
 
 
-# -- precision policy --------------------------------------------------------------------------------------------------
+# -- precision policy ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_class", EVERY_CLASS)
 def test_fp32_lists_are_disjoint_and_name_real_modules(model_class: type) -> None:
     model = ModelTester().model(model_class)
@@ -467,7 +465,9 @@ def test_half_precision_loading_keeps_the_trained_parts_in_fp32(model_class: typ
         assert model.embeddings.word_embeddings.weight.dtype == torch.float32
         assert model.vision_model.embeddings.patch_embedding.weight.dtype == dtype
     # transformers' own rule: exactly the names its fp32 lists match are fp32, everything else is in `dtype`.
-    fp32_names = model._keep_in_fp32_modules_strict | (model._keep_in_fp32_modules if dtype is torch.float16 else set())
+    fp32_names = set(model._keep_in_fp32_modules_strict)
+    if dtype is torch.float16:
+        fp32_names |= model._keep_in_fp32_modules
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point():
             matched = any(re.search(rf"(?:^|\.){pattern}(?:\.|$)", name) for pattern in fp32_names)

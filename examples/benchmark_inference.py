@@ -8,8 +8,13 @@ thing (forward logits, greedy and beam-search token ids; it prints "outputs iden
 1. forward latency: batch 8, a prompt of `num_query_tokens` image tokens + BOS + a few text tokens;
 2. greedy `generate` throughput in new tokens/s (batch 8, exactly 20 new tokens);
 3. beam-search `generate` throughput in new tokens/s (batch 8, 5 beams, exactly 20 new tokens; a returned
-   sequence counts, not the beams explored);
-4. the peak memory of each of those operations.
+   sequence counts, not the beams explored; ours runs each prompt through the LLM once and copies its cache to the
+   beams, `share_prompt_cache`);
+4. the peak memory of each of those operations;
+5. the compiled path, both implementations compiled the same way: the latency of `torch.compile(model,
+   fullgraph=True)`'s forward, and greedy throughput with a static cache whose decoding step transformers
+   compiles (`cache_implementation="static"`, `compile_config`). Compilation happens in the equivalence check
+   (which also checks compiled outputs against eager) and is not timed; no memory is measured for these.
 
 Latency and throughput are measured in this process, in eval mode under `torch.inference_mode()`: the equivalence
 check runs every operation once per implementation (the warm-up; `--warmup` adds more), then each gets `--repeats`
@@ -67,6 +72,11 @@ BUILT_IN = "built-in"
 OURS = "ours"
 IMPLEMENTATIONS = (BUILT_IN, OURS)
 OPERATIONS = ("forward", "greedy", "beam")
+# The compiled path: `torch.compile(model, fullgraph=True)` forward, and greedy decoding with a static cache whose
+# decoding step transformers compiles (`compile_config`, on every device). Timed like the others; no memory row
+# (a fresh worker would spend its run compiling).
+COMPILED_OPERATIONS = ("compiled forward", "static-cache compiled greedy")
+_COMPILED_FORWARD: dict[int, Callable[..., Any]] = {}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODEL_CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
     BUILT_IN: transformers.Blip2ForConditionalGeneration,
@@ -272,12 +282,24 @@ def first_rows(inputs: dict[str, torch.Tensor], count: int) -> dict[str, torch.T
 
 # -- operations ------------------------------------------------------------------------------------------------------
 def generation_kwargs(operation: str, workload: Workload) -> dict[str, Any]:
-    return {
+    settings = {
         "do_sample": False,
         "num_beams": workload.num_beams if operation == "beam" else 1,
         "max_new_tokens": workload.new_tokens,
         "min_new_tokens": workload.new_tokens,
     }
+    if operation == "static-cache compiled greedy":
+        compile_config = transformers.CompileConfig(fullgraph=True)
+        compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+        settings.update(cache_implementation="static", compile_config=compile_config)
+    return settings
+
+
+def compiled_forward(model: nn.Module) -> Callable[..., Any]:
+    """`torch.compile(model, fullgraph=True)`, made once per model."""
+    if id(model) not in _COMPILED_FORWARD:
+        _COMPILED_FORWARD[id(model)] = torch.compile(model, fullgraph=True)
+    return _COMPILED_FORWARD[id(model)]
 
 
 def run_operation(
@@ -286,6 +308,8 @@ def run_operation(
     """Forward logits, or the generated ids (prompt included)."""
     if operation == "forward":
         return model(**inputs).logits
+    if operation == "compiled forward":
+        return compiled_forward(model)(**inputs).logits
     return model.generate(**inputs, **generation_kwargs(operation, workload))
 
 
@@ -330,17 +354,25 @@ def time_operation(
 def check_equivalence(
     models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], workload: Workload
 ) -> dict[str, Any]:
-    """Whether both implementations give the same greedy and beam-search ids, and how close their logits are."""
+    """Whether both implementations give the same greedy and beam-search ids, and how close their logits are; and
+    whether the compiled path (compiled forward, static-cache compiled greedy) gives what eager gives."""
     with torch.inference_mode():
         outputs = {
             operation: {name: run_operation(model, operation, inputs, workload) for name, model in models.items()}
-            for operation in OPERATIONS
+            for operation in (*OPERATIONS, *COMPILED_OPERATIONS)
         }
-    logits = outputs["forward"]
+    logits, compiled_logits = outputs["forward"], outputs["compiled forward"]
+    static = outputs["static-cache compiled greedy"]
     return {
         "greedy_ids_identical": torch.equal(outputs["greedy"][BUILT_IN], outputs["greedy"][OURS]),
         "beam_ids_identical": torch.equal(outputs["beam"][BUILT_IN], outputs["beam"][OURS]),
         "logits_max_abs_diff": float((logits[BUILT_IN].float() - logits[OURS].float()).abs().max()),
+        "compiled_logits_max_abs_diff_vs_eager": {
+            name: float((compiled_logits[name].float() - logits[name].float()).abs().max()) for name in models
+        },
+        "static_compiled_greedy_ids_equal_eager": {
+            name: torch.equal(static[name], outputs["greedy"][name]) for name in models
+        },
         "new_tokens_per_row": int(outputs["greedy"][OURS].shape[1] - inputs["input_ids"].shape[1]),
     }
 
@@ -494,6 +526,17 @@ def build_rows(
     for operation, label in (("greedy", "greedy generate"), ("beam", f"beam-{workload.num_beams} generate")):
         rates = (throughput(seconds[operation][name], new_tokens) for name in IMPLEMENTATIONS)
         rows.append(Row(f"{label} throughput", "new tokens/s", *rates, True))
+    compiled = seconds["compiled forward"]
+    rows.append(
+        Row(
+            "compiled forward latency",
+            "ms",
+            *(statistics.median(compiled[name]) * 1e3 for name in IMPLEMENTATIONS),
+            False,
+        )
+    )
+    rates = (throughput(seconds["static-cache compiled greedy"][name], new_tokens) for name in IMPLEMENTATIONS)
+    rows.append(Row("static-cache compiled greedy generate throughput", "new tokens/s", *rates, True))
     for operation, label in (("forward", "forward"), ("greedy", "greedy generate"), ("beam", "beam generate")):
         peaks = (memory[name, operation].peak_increase_mib for name in IMPLEMENTATIONS)
         rows.append(Row(f"{label} peak memory", "MiB", *peaks, False))
@@ -561,7 +604,7 @@ def measure_speed(
 ) -> dict[str, dict[str, list[float]]]:
     return {
         operation: time_operation(models, operation, inputs, workload, args.warmup, args.repeats, args.device)
-        for operation in OPERATIONS
+        for operation in (*OPERATIONS, *COMPILED_OPERATIONS)
     }
 
 
@@ -587,6 +630,12 @@ def print_equivalence(equivalence: dict[str, Any]) -> None:
     print(f"outputs identical: {yes_no[equivalence['greedy_ids_identical']]} (greedy token ids)")
     print(f"beam-search ids identical: {yes_no[equivalence['beam_ids_identical']]}")
     print(f"forward logits max |diff|: {equivalence['logits_max_abs_diff']:.3g}")
+    for name, same in equivalence["static_compiled_greedy_ids_equal_eager"].items():
+        difference = equivalence["compiled_logits_max_abs_diff_vs_eager"][name]
+        print(
+            f"{name}: static-cache compiled greedy ids = eager: {yes_no[same]}; compiled forward logits max |diff| "
+            f"vs eager: {difference:.3g}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -633,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.output_json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.output_json}")
-    return 0 if equivalence["greedy_ids_identical"] else 1
+    compiled_ok = all(equivalence["static_compiled_greedy_ids_equal_eager"].values())
+    return 0 if equivalence["greedy_ids_identical"] and equivalence["beam_ids_identical"] and compiled_ok else 1
 
 
 if __name__ == "__main__":

@@ -1276,7 +1276,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
         copies = config.num_beams if (config.num_beams or 1) > 1 else (config.num_return_sequences or 1)
         if (
             copies < 2
-            or not config.use_cache
+            or config.use_cache is False  # None: transformers' default, a cache
             or config.cache_implementation is not None
             or config.prefill_chunk_size is not None
             or any(generate_kwargs.get(key) is not None for key in ("cache", "past_key_values", "assistant_model"))

@@ -477,3 +477,40 @@ def test_half_precision_loading_keeps_the_trained_parts_in_fp32(model_class: typ
         with torch.no_grad():
             scores = model(tester.pixel_values().to(dtype), input_ids, attention_mask).logits_per_image
         assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+
+
+# -- one prompt pass for all beams -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"num_beams": 4},
+        {"num_beams": 3, "num_return_sequences": 2},
+        {"do_sample": True, "num_return_sequences": 3},
+    ],
+)
+def test_shared_prompt_cache_gives_the_same_ids_with_one_prompt_pass(family: str, settings: dict) -> None:
+    tester = ModelTester(family)
+    model = tester.model(Blip2ForConditionalGeneration)
+    # No explicit use_cache, as in most saved generation configs.
+    model.generation_config = transformers.GenerationConfig(**model.generation_config.to_diff_dict())
+    model.generation_config.use_cache = None
+    input_ids, attention_mask = tester.prompt()
+    inputs = {"pixel_values": tester.pixel_values(), "input_ids": input_ids, "attention_mask": attention_mask}
+    rows_per_prompt_pass = []
+
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and embeds.shape[1] > 1:
+            rows_per_prompt_pass.append(embeds.shape[0])
+
+    handle = model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    runs = {}
+    for share in (False, True):
+        rows_per_prompt_pass.clear()
+        torch.manual_seed(0)
+        runs[share] = model.generate(**inputs, max_new_tokens=5, share_prompt_cache=share, **settings)
+        copies = settings.get("num_beams", 1) if settings.get("num_beams", 1) > 1 else settings["num_return_sequences"]
+        assert rows_per_prompt_pass == ([2] if share else [2 * copies]), rows_per_prompt_pass
+    handle.remove()
+    assert torch.equal(runs[False], runs[True])

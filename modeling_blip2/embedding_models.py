@@ -72,6 +72,8 @@ class Blip2TextModelWithProjection(Blip2PreTrainedModel):
     """The text side of BLIP-2's contrastive space: Q-Former text pass (unimodal mask) + `text_projection`."""
 
     main_input_name = "input_ids"
+    # As transformers' class: an embedding model without a loss of its own (train it through Blip2ForPretraining).
+    supports_gradient_checkpointing = False
     _keep_in_fp32_modules_strict = ["query_tokens", "qformer", QFORMER_TEXT_EMBEDDINGS_PATTERN, "text_projection"]
 
     def __init__(self, config: Blip2Config) -> None:

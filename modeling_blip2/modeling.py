@@ -32,12 +32,20 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
 )
 from transformers.utils import ModelOutput
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import boolean_to_additive_mask, padding_to_additive_mask
 from .configuration import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 from .model_card import DEFAULT_LICENSE, build_model_card, require_hub_token
-from .qformer import ATTENTION_TYPES, Blip2QFormerEncoder, Blip2TextEmbeddings, build_qformer_attention_mask
-from .vision import Blip2VisionEmbeddings, Blip2VisionEncoder
+from .qformer import (
+    ATTENTION_TYPES,
+    Blip2QFormerEncoder,
+    Blip2QFormerLayer,
+    Blip2QFormerMultiHeadAttention,
+    Blip2TextEmbeddings,
+    build_qformer_attention_mask,
+)
+from .vision import Blip2VisionAttention, Blip2VisionEmbeddings, Blip2VisionEncoder, Blip2VisionEncoderLayer
 
 IGNORE_INDEX = -100
 # Modules trained in fp32 while the frozen encoder and LLM run in fp16/bf16 (the paper's precision recipe).
@@ -374,6 +382,12 @@ class Blip2VisionModel(Blip2PreTrainedModel):
     """The image encoder: patch embeddings, transformer blocks and the post-encoder LayerNorm (LAVIS `ln_vision`)."""
 
     config_class = Blip2VisionConfig
+    # transformers' output capturing (`capture_outputs`): hooks collect these when `output_*` asks for them, also a
+    # selection of hidden states (`output_hidden_states=[0, -1]`).
+    _can_record_outputs = {
+        "hidden_states": Blip2VisionEncoderLayer,
+        "attentions": OutputRecorder(Blip2VisionAttention, index=1),
+    }
 
     def __init__(self, config: Blip2VisionConfig) -> None:
         super().__init__(config)
@@ -387,6 +401,7 @@ class Blip2VisionModel(Blip2PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embedding
 
+    @capture_outputs(tie_last_hidden_states=False)  # the last hidden state is the one before the post-LayerNorm
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -409,13 +424,13 @@ class Blip2VisionModel(Blip2PreTrainedModel):
             pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
         )
         last_hidden_state = self.apply_post_layernorm(hidden_states)
-        output = BaseModelOutputWithPooling(
+        # `capture_outputs` makes the tuple when return_dict (or config.return_dict) is False.
+        return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=last_hidden_state[:, 0],
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
-        return output if _wants_dict(return_dict, self.config) else output.to_tuple()
 
     def resize_position_embeddings(self, image_size: int) -> None:
         """Changes the input size for good (e.g. 224 -> 364 for fine-tuning): the learned position embeddings are
@@ -481,6 +496,13 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
 
     config_class = Blip2QFormerConfig
     main_input_name = "query_embeds"
+    _can_record_outputs = {
+        "hidden_states": Blip2QFormerLayer,
+        "attentions": OutputRecorder(Blip2QFormerMultiHeadAttention, index=1, layer_name="attention.attention"),
+        "cross_attentions": OutputRecorder(
+            Blip2QFormerMultiHeadAttention, index=1, layer_name="crossattention.attention"
+        ),
+    }
 
     def __init__(self, config: Blip2QFormerConfig) -> None:
         super().__init__(config)
@@ -493,6 +515,7 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         # The Q-Former owns no token embeddings: the query tokens and text embeddings belong to the composite model.
         return None
 
+    @capture_outputs
     def forward(
         self,
         query_embeds: torch.Tensor,
@@ -573,14 +596,14 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
             if output_attentions:
                 all_attentions += (self_weights,)
                 all_cross_attentions += (cross_weights,)
-        output = BaseModelOutputWithPoolingAndCrossAttentions(
+        # `capture_outputs` makes the tuple when return_dict (or config.return_dict) is False.
+        return BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=hidden_states,
             pooler_output=hidden_states[:, 0],
             hidden_states=all_hidden_states,
             attentions=all_attentions,
             cross_attentions=all_cross_attentions,
         )
-        return output if _wants_dict(return_dict, self.config) else output.to_tuple()
 
     @staticmethod
     def _self_attention_mask(
@@ -1049,7 +1072,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         prepared = self._prepare_prompt(input_ids, attention_mask, labels, encoding, inputs_embeds)
         self._check_sequence_fits(prepared.attention_mask.shape[1], "the prompt")
         inputs_embeds = self._embed_prompt(prepared, encoding.language_model_inputs)
-        common = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        common = _given(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         if self.config.use_decoder_only_language_model:
             outputs = self.language_model(
                 inputs_embeds=inputs_embeds,
@@ -1082,6 +1105,29 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
 
 class Blip2Model(_Blip2WithLanguageModel):
     """BLIP-2 with feature getters for each part: images, Q-Former queries and LLM text features."""
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The vision encoder's output, as transformers' `Blip2Model` returns it: `last_hidden_state` `(batch, 1 +
+        num_patches, vision_hidden)`, `pooler_output` the (post-LayerNorm) class token `(batch, vision_hidden)`.
+
+        The soft prompts are `Blip2ForConditionalGeneration.get_image_features(...).pooler_output`, or
+        `encode_images(...).language_model_inputs` here.
+        """
+        return self.vision_model(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=_wants_dict(return_dict, self.config),
+        )
 
     def get_qformer_features(
         self,
@@ -1127,9 +1173,8 @@ class Blip2Model(_Blip2WithLanguageModel):
         outputs = text_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
+            **_given(output_attentions=output_attentions, output_hidden_states=output_hidden_states),
             **kwargs,
         )
         features = BaseModelOutputWithPooling(
@@ -1277,6 +1322,9 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
         if (
             copies < 2
             or config.use_cache is False  # None: transformers' default, a cache
+            # The prompt step's attentions and hidden states would then cover its last position only.
+            or config.output_attentions
+            or config.output_hidden_states
             or config.cache_implementation is not None
             or config.prefill_chunk_size is not None
             or any(generate_kwargs.get(key) is not None for key in ("cache", "past_key_values", "assistant_model"))
@@ -1318,6 +1366,11 @@ def _with_generation_defaults(defaults: GenerationConfig, generate_kwargs: dict[
     generation_config = copy.deepcopy(defaults)
     remaining = generation_config.update(**generate_kwargs)
     return {"generation_config": generation_config, **remaining}
+
+
+def _given(**flags: Any) -> dict[str, Any]:
+    """The flags that were set: an explicit None would override the LLM's config where transformers reads it."""
+    return {name: value for name, value in flags.items() if value is not None}
 
 
 def _wants_dict(return_dict: bool | None, config: Any) -> bool:

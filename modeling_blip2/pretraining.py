@@ -236,7 +236,7 @@ class _Blip2Stage1Model(Blip2PreTrainedModel):
         )
         return features if _wants_dict(return_dict, self.config) else features.to_tuple()
 
-    def get_text_features(
+    def get_text_embeddings(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
@@ -247,7 +247,12 @@ class _Blip2Stage1Model(Blip2PreTrainedModel):
     ) -> BaseModelOutputWithPooling | tuple:
         """Contrastive text embeddings: `pooler_output` is `(B, embed_dim)`, the L2-normalised projection of the
         `[CLS]` output of the unimodal text pass; `last_hidden_state` is that pass's `(B, T, qformer_hidden)`
-        output. Gradients flow."""
+        output. Gradients flow.
+
+        `Blip2ForPretraining.get_text_features` is this. `Blip2ForImageTextRetrieval` has no `get_text_features`,
+        as transformers' class has none: its common tests read that getter as the LLM's text features (of
+        `text_config`'s width), which a retrieval model does not have.
+        """
         outputs = self.text_outputs(
             input_ids, attention_mask, output_attentions=output_attentions, output_hidden_states=output_hidden_states
         )
@@ -366,6 +371,10 @@ class Blip2ForPretraining(_Blip2Stage1Model):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.qformer_lm_head.decoder
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> BaseModelOutputWithPooling | tuple:
+        """Contrastive text embeddings (see `get_text_embeddings`)."""
+        return self.get_text_embeddings(*args, **kwargs)
 
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.qformer_lm_head.decoder = new_embeddings

@@ -114,10 +114,15 @@ def test_get_image_features_output(family: str, model_class: type, return_dict: 
     if return_dict is False:
         assert isinstance(outputs, tuple)
         return
-    assert isinstance(outputs, Blip2ImageFeaturesOutput)
     patches = (VISION["image_size"] // VISION["patch_size"]) ** 2
     assert outputs.last_hidden_state.shape == (2, 1 + patches, VISION["hidden_size"])
-    if model_class in GENERATIVE:
+    if model_class is Blip2Model:
+        # transformers' Blip2Model gives the vision output: the pooler is the class token.
+        assert isinstance(outputs, BaseModelOutputWithPooling)
+        assert outputs.pooler_output.shape == (2, VISION["hidden_size"])
+        return
+    assert isinstance(outputs, Blip2ImageFeaturesOutput)
+    if model_class is Blip2ForConditionalGeneration:
         # The soft visual prompts, one (num_query_tokens, llm_hidden) block per image.
         assert outputs.pooler_output.shape == (2, NUM_QUERY_TOKENS, config.text_config.hidden_size)
     else:
@@ -148,6 +153,8 @@ def test_get_image_features_hidden_states_and_attentions(family: str, model_clas
         outputs = model.get_image_features(tester.pixel_values(), **flags)
     assert len(outputs.hidden_states) == tester.num_vision_layers + 1
     assert len(outputs.attentions) == tester.num_vision_layers
+    if model_class is Blip2Model:
+        return  # the vision output alone
     assert len(outputs.qformer_outputs.hidden_states) == tester.num_qformer_layers + 1
     assert len(outputs.qformer_outputs.attentions) == tester.num_qformer_layers
     # Asking for hidden states changes nothing else.
@@ -161,7 +168,8 @@ def test_get_image_features_lets_gradients_flow(family: str, model_class: type) 
     tester = ModelTester(family)
     model = tester.model(model_class)
     model.get_image_features(tester.pixel_values()).pooler_output.sum().backward()
-    assert model.query_tokens.grad is not None and model.query_tokens.grad.abs().sum() > 0
+    trained = model.vision_model.post_layernorm.weight if model_class is Blip2Model else model.query_tokens
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(("family", "model_class"), _getter_classes())
@@ -205,13 +213,22 @@ def test_stage1_getters_agree_with_forward_and_honour_outputs() -> None:
     input_ids, attention_mask = tester.text()
     images = tester.pixel_values()
     with torch.no_grad():
-        text = model.get_text_features(input_ids, attention_mask, output_hidden_states=True)
+        text = model.get_text_embeddings(input_ids, attention_mask, output_hidden_states=True)
         image = model.get_image_features(images)
         scores = model(images, input_ids, attention_mask)
     assert isinstance(text, BaseModelOutputWithPooling) and text.pooler_output.shape == (2, 16)
     assert len(text.hidden_states) == tester.num_qformer_layers + 1
     expected = torch.matmul(image.pooler_output, text.pooler_output.t()).max(dim=1).values
     torch.testing.assert_close(scores.logits_per_image, expected)
+    # As transformers' class, no get_text_features (its common tests read it as the LLM's text features);
+    # the stage-1 model has it, as the same embeddings.
+    assert not hasattr(Blip2ForImageTextRetrieval, "get_text_features")
+    pretraining = tester.model(Blip2ForPretraining)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pretraining.get_text_features(input_ids, attention_mask).pooler_output,
+            pretraining.get_text_embeddings(input_ids, attention_mask).pooler_output,
+        )
 
 
 def test_get_qformer_features_is_the_builtin_tensor(tmp_path) -> None:
@@ -245,7 +262,10 @@ def test_stage1_forward_honours_output_flags(model_class: type) -> None:
         assert len(outputs.vision_model_output.attentions) == tester.num_vision_layers
         with torch.no_grad():
             matched = model(**inputs, use_image_text_matching_head=True, output_attentions=True)
-        assert len(matched.text_model_output.cross_attentions) == tester.num_qformer_layers
+        # One per layer that cross-attends (every cross_attention_frequency-th), as transformers' class reports.
+        frequency = model.config.qformer_config.cross_attention_frequency
+        expected = len(range(0, tester.num_qformer_layers, frequency))
+        assert len(matched.text_model_output.cross_attentions) == expected
 
 
 @pytest.mark.parametrize("model_class", EVERY_CLASS)

@@ -236,6 +236,18 @@ def itc_loss(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def itm_negatives_exist(num_rows: int, num_columns: int, image_ids: torch.Tensor | None, device: torch.device) -> bool:
+    """Whether every local row has a hard-negative candidate among the `num_columns` gathered samples.
+
+    A row lacks one only when every gathered sample is its positive (a global batch of one image, or one image id
+    throughout), which is a property of the global batch: every rank gets the same answer. With `image_ids` and
+    several processes this gathers them, so every rank must call it.
+    """
+    if num_columns < 2:
+        return False
+    return not bool(_positive_mask(num_rows, num_columns, image_ids, device).all(dim=1).any())
+
+
 def _positive_mask(
     num_rows: int, num_columns: int, image_ids: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration import Blip2Config
 from .losses import (
@@ -26,6 +26,7 @@ from .losses import (
     itg_inputs_and_labels,
     itg_loss,
     itm_loss,
+    itm_negatives_exist,
     rank_and_world_size,
     sample_hard_negatives,
 )
@@ -40,6 +41,8 @@ from .modeling import (
 from .qformer import Blip2QFormerLMHead, Blip2TextEmbeddings
 
 STAGE1_LOSSES = ("itc", "itm", "itg")
+ITM_WITHOUT_NEGATIVES = ("raise", "skip")
+logger = logging.get_logger(__name__)
 # LAVIS initialises the temperature at 0.07 and clamps it; out of this range the contrastive loss degenerates.
 TEMPERATURE_INIT = 0.07
 TEMPERATURE_RANGE = (0.001, 0.5)
@@ -403,6 +406,7 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         hard_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
+        itm_without_negatives: str = "raise",
         **kwargs: Any,
     ) -> Blip2PretrainingOutput | tuple:
         """Computes the stage-1 losses on a batch of image-text pairs.
@@ -417,7 +421,15 @@ class Blip2ForPretraining(_Blip2Stage1Model):
             losses: Which of `"itc"`, `"itm"`, `"itg"` to compute (ITM needs ITC's similarities).
             hard_negatives: `(negative image per text, negative text per image)` indices into the (gathered)
                 batch, to use instead of drawing them from the similarities (reproducibility, tests).
+            itm_without_negatives: What to do when the global batch holds no hard negative for ITM (one image, or
+                one image id throughout, e.g. the last batch of an epoch): `"raise"` a `ValueError`, or `"skip"`
+                ITM for this batch (`loss_itm` is then a zero that keeps the ITM head in the graph, `itm_logits`
+                None; warned once). `Blip2Trainer` skips, so that an epoch always finishes.
         """
+        if itm_without_negatives not in ITM_WITHOUT_NEGATIVES:
+            raise ValueError(
+                f"itm_without_negatives must be one of {ITM_WITHOUT_NEGATIVES}, got {itm_without_negatives!r}"
+            )
         unknown = set(losses) - set(STAGE1_LOSSES)
         if unknown or not losses:
             raise ValueError(f"losses must be a non-empty subset of {STAGE1_LOSSES}, got {losses}")
@@ -442,7 +454,11 @@ class Blip2ForPretraining(_Blip2Stage1Model):
             output.similarity_text_to_image = itc.similarity_text_to_image
             if "itc" in losses:
                 output.loss_itc = itc.loss
-        if "itm" in losses:
+        if "itm" in losses and self._skips_itm(output, image_ids, hard_negatives, itm_without_negatives):
+            # No negative anywhere in the global batch (every rank sees the same): a zero that still reaches the
+            # ITM head, so distributed data parallel finds every parameter used.
+            output.loss_itm = sum(parameter.sum() for parameter in self.itm_head.parameters()) * 0.0
+        elif "itm" in losses:
             output.itm_logits = self._itm_logits_with_hard_negatives(
                 image_embeds, input_ids, attention_mask, image_ids, output, hard_negatives
             )
@@ -455,6 +471,24 @@ class Blip2ForPretraining(_Blip2Stage1Model):
             output.loss_itg = itg_loss(output.itg_logits, labels)
         output.loss = Stage1Losses.combine(output.loss_itc, output.loss_itm, output.loss_itg).loss
         return output if _wants_dict(return_dict, self.config) else output.to_tuple()
+
+    def _skips_itm(
+        self,
+        itc: Blip2PretrainingOutput,
+        image_ids: torch.Tensor | None,
+        hard_negatives: tuple[torch.Tensor, torch.Tensor] | None,
+        itm_without_negatives: str,
+    ) -> bool:
+        if itm_without_negatives != "skip" or hard_negatives is not None:
+            return False
+        num_rows, num_columns = itc.similarity_image_to_text.shape
+        if itm_negatives_exist(num_rows, num_columns, image_ids, itc.similarity_image_to_text.device):
+            return False
+        logger.warning_once(
+            f"image-text matching skipped on a global batch of {num_columns} sample(s) with no hard negative (one "
+            "image, or one image id throughout); ITC and ITG still train on it. Shown once."
+        )
+        return True
 
     def _itm_logits_with_hard_negatives(
         self,

@@ -109,11 +109,15 @@ class Blip2Trainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         weights = self.args.loss_weights
         enabled = tuple(name for name in LOSS_NAMES if weights[name] > 0)
-        outputs = model(**inputs, losses=enabled)
+        # A global batch without a hard negative (the last batch of an epoch may hold one image) skips ITM rather
+        # than stopping the run; every rank agrees, the decision is on the gathered batch.
+        outputs = model(**inputs, losses=enabled, itm_without_negatives="skip")
         terms = {name: getattr(outputs, f"loss_{name}") for name in enabled}
         loss = sum(weights[name] * term for name, term in terms.items())
         if model.training:
             for name, term in terms.items():
+                if name == "itm" and outputs.itm_logits is None:
+                    continue  # skipped: not a measurement of the ITM loss
                 self._accumulate(f"loss_{name}", term)
             if outputs.temperature is not None:
                 self._accumulate("temperature", outputs.temperature)

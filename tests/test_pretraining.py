@@ -201,3 +201,27 @@ def test_stage1_bad_input() -> None:
     duplicated = torch.tensor([0, 0, 0, 0])
     with pytest.raises(ValueError, match="at least 2 distinct images"):
         model(ids, mask, pixel_values=pixels(batch=4), image_ids=duplicated)
+
+
+def test_itm_is_skipped_on_request_when_the_batch_has_no_negative() -> None:
+    model = _model().train()
+    ids, mask = _texts()
+    for inputs in (
+        {"input_ids": ids[:1], "attention_mask": mask[:1], "pixel_values": pixels(batch=1)},
+        {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(batch=4), "image_ids": torch.zeros(4)},
+    ):
+        model.zero_grad()
+        outputs = model(**inputs, itm_without_negatives="skip")
+        assert outputs.itm_logits is None and outputs.loss_itm.item() == 0.0
+        assert torch.isfinite(outputs.loss_itc) and torch.isfinite(outputs.loss_itg)
+        outputs.loss.backward()
+        # Still in the graph (distributed data parallel needs every parameter used), with a zero gradient.
+        assert model.itm_head.weight.grad is not None and not model.itm_head.weight.grad.any()
+    # A batch with negatives is not affected by the option.
+    torch.manual_seed(0)
+    skip = model(ids, mask, pixel_values=pixels(batch=4), itm_without_negatives="skip")
+    torch.manual_seed(0)
+    default = model(ids, mask, pixel_values=pixels(batch=4))
+    assert skip.itm_logits is not None and torch.equal(skip.loss_itm, default.loss_itm)
+    with pytest.raises(ValueError, match="itm_without_negatives must be one of"):
+        model(ids, mask, pixel_values=pixels(batch=4), itm_without_negatives="ignore")

@@ -273,3 +273,20 @@ def test_resuming_from_a_checkpoint_ends_with_the_same_weights(parts, tmp_path) 
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-2"))
     for name, value in expected.items():
         assert torch.allclose(again.state_dict()[name], value, atol=1e-6), name
+
+
+@pytest.mark.parametrize(("size", "accumulation"), [(9, 1), (17, 2)])
+def test_an_epoch_whose_last_batch_holds_one_image_finishes(parts, tmp_path, size: int, accumulation: int) -> None:
+    """9 examples at batch 8 (or 17 with accumulation) leave a last batch of one image, with no ITM negative."""
+    model, collator, _ = parts
+    examples = (_dataset(repeats=5) * 2)[:size]
+    for index, example in enumerate(examples):
+        example = dict(example)
+        example["image_id"] = index
+        examples[index] = example
+    args = _args(tmp_path, max_steps=-1, num_train_epochs=1, gradient_accumulation_steps=accumulation, logging_steps=1)
+    trainer = _SequentialTrainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert trainer.state.epoch == 1.0 and logged
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logged)

@@ -72,6 +72,12 @@ class Blip2TrainingArguments(TrainingArguments):
         return {"itc": self.itc_weight, "itm": self.itm_weight, "itg": self.itg_weight}
 
 
+def _accumulate(sums: dict[str, Any], counts: dict[str, int], name: str, value: torch.Tensor) -> None:
+    # Summed on the device: converting to a Python float here would synchronise with the GPU at every step.
+    sums[name] = sums.get(name, 0.0) + value.detach()
+    counts[name] = counts.get(name, 0) + 1
+
+
 class Blip2Trainer(Trainer):
     """A `Trainer` that composes the stage-1 losses and owns BLIP-2's optimisation policy.
 
@@ -95,6 +101,8 @@ class Blip2Trainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self._loss_sums: dict[str, Any] = {}
         self._loss_counts: dict[str, int] = {}
+        self._eval_sums: dict[str, Any] = {}
+        self._eval_counts: dict[str, int] = {}
 
     # -- loss -------------------------------------------------------------------------------------------------------
     def compute_loss(
@@ -114,19 +122,44 @@ class Blip2Trainer(Trainer):
         outputs = model(**inputs, losses=enabled, itm_without_negatives="skip")
         terms = {name: getattr(outputs, f"loss_{name}") for name in enabled}
         loss = sum(weights[name] * term for name, term in terms.items())
-        if model.training:
-            for name, term in terms.items():
-                if name == "itm" and outputs.itm_logits is None:
-                    continue  # skipped: not a measurement of the ITM loss
-                self._accumulate(f"loss_{name}", term)
-            if outputs.temperature is not None:
-                self._accumulate("temperature", outputs.temperature)
+        sums, counts = (self._loss_sums, self._loss_counts) if model.training else (self._eval_sums, self._eval_counts)
+        for name, term in terms.items():
+            if name == "itm" and outputs.itm_logits is None:
+                continue  # skipped: not a measurement of the ITM loss
+            _accumulate(sums, counts, f"loss_{name}", term)
+        if outputs.temperature is not None:
+            _accumulate(sums, counts, "temperature", outputs.temperature)
         return (loss, outputs) if return_outputs else loss
 
-    def _accumulate(self, name: str, value: torch.Tensor) -> None:
-        # Summed on the device: converting to a Python float here would synchronise with the GPU at every step.
-        self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value.detach()
-        self._loss_counts[name] = self._loss_counts.get(name, 0) + 1
+    # -- evaluation -------------------------------------------------------------------------------------------------
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Stage 1 has no `labels`, so transformers would compute no loss: evaluate the composed stage-1 loss (and
+        collect its terms for `evaluate`'s metrics). Other models: transformers' own step."""
+        if not _is_stage1(model):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach().mean(), None, None
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' loop; for stage 1 its metrics gain `{prefix}_loss_itc`, `_loss_itm`, `_loss_itg` and
+        `_temperature` (means over the evaluation batches) beside `{prefix}_loss`, so that
+        `metric_for_best_model="loss_itc"` and `load_best_model_at_end` work."""
+        self._eval_sums, self._eval_counts = {}, {}
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        for name, total in self._eval_sums.items():
+            value = self.accelerator.gather(torch.as_tensor(total, device=self.args.device)[None])
+            output.metrics[f"{prefix}_{name}"] = round(float(value.sum()) / (self._eval_counts[name] * len(value)), 6)
+        self._eval_sums, self._eval_counts = {}, {}
+        return output
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: flush the per-term means collected since the last one

@@ -290,3 +290,27 @@ def test_an_epoch_whose_last_batch_holds_one_image_finishes(parts, tmp_path, siz
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert trainer.state.epoch == 1.0 and logged
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logged)
+
+
+def test_evaluate_reports_the_stage1_loss_and_its_terms(parts, tmp_path) -> None:
+    model, collator, _ = parts
+    args = _args(
+        tmp_path,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss_itc",
+        per_device_eval_batch_size=8,
+    )
+    trainer = Blip2Trainer(
+        model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(repeats=2), data_collator=collator
+    )
+    trainer.train()  # load_best_model_at_end reads eval_loss_itc
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_loss_itc", "eval_loss_itm", "eval_loss_itg", "eval_temperature"} <= set(metrics)
+    terms = metrics["eval_loss_itc"] + metrics["eval_loss_itm"] + metrics["eval_loss_itg"]
+    assert abs(metrics["eval_loss"] - terms) < 1e-4 * max(1.0, terms)  # one eval batch: the loss is the terms' sum
+    assert trainer.state.best_metric is not None

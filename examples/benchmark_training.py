@@ -614,6 +614,7 @@ def check_cache_equivalence(
     """Max |difference| of the three losses between the encoder path and the cached features (eval mode, fixed
     hard negatives): the cache must not change what is trained."""
     model = copy.deepcopy(model).eval()
+    model.freeze_vision_encoder()
     examples = dataset[:4]
     batch = plain_collate(examples, image_processor, tokenizer, max_length=text_length)
     cached = FrozenFeatureDataset(examples, model.vision_model, image_processor, progress=False)

@@ -18,11 +18,13 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
 
 from .pretraining import Blip2ForPretraining
 from .processing import QFORMER_START_TOKEN, to_rgb_image
 
 LOSS_NAMES = ("itc", "itm", "itg")
+logger = logging.get_logger(__name__)
 IGNORE_LABEL = -100
 # Parameters that never get weight decay besides biases and norms (ndim <= 1): the contrastive temperature.
 NO_DECAY_NAMES = ("temp",)
@@ -70,6 +72,13 @@ class Blip2TrainingArguments(TrainingArguments):
     def loss_weights(self) -> dict[str, float]:
         """Weight of each stage-1 term."""
         return {"itc": self.itc_weight, "itm": self.itm_weight, "itg": self.itg_weight}
+
+
+def _columns(dataset: Any) -> list[str]:
+    """The column names of a `datasets.Dataset`, or the keys of a list of dicts' first example."""
+    if hasattr(dataset, "column_names"):
+        return list(dataset.column_names)
+    return list(dataset[0])
 
 
 def _accumulate(sums: dict[str, Any], counts: dict[str, int], name: str, value: torch.Tensor) -> None:
@@ -169,6 +178,16 @@ class Blip2Trainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     # -- optimiser ----------------------------------------------------------------------------------------------------
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        if warmup >= num_training_steps:
+            logger.warning(
+                f"the learning-rate warm-up ({warmup} steps) is as long as the whole run ({num_training_steps} "
+                "steps): the LR never reaches learning_rate and the model barely trains. Lower warmup_steps (the "
+                "paper's 2000 suits its 250k-step runs) or train longer"
+            )
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             model = self.model if model is None else model
@@ -355,10 +374,12 @@ class FrozenFeatureDataset(Dataset):
 
     Args:
         dataset: Examples with an image column (and captions, ids ... that pass through).
-        vision_model: The (frozen) `Blip2VisionModel`.
+        vision_model: The frozen `Blip2VisionModel` (`model.freeze_vision_encoder()` first: an encoder that still
+            trains is refused, its updates would never reach the cached features; the post-LayerNorm may train).
         image_processor: Turns images into `pixel_values`.
         image_column: Column holding the images.
-        image_id_column: If given, examples with the same image id share one computation.
+        image_id_column: Examples with the same image id share one computation; the collator's default column
+            (`"image_id"`), used when the dataset has it. None: one computation per example.
         batch_size: Images per encoder batch.
         dtype: Storage dtype of the cached features (e.g. torch.float16 to halve memory).
     """
@@ -369,13 +390,27 @@ class FrozenFeatureDataset(Dataset):
         vision_model: nn.Module,
         image_processor: Any,
         image_column: str = "image",
-        image_id_column: str | None = None,
+        image_id_column: str | None = "image_id",
         batch_size: int = 64,
         dtype: torch.dtype | None = None,
         progress: bool = True,
     ) -> None:
+        still_training = [
+            name
+            for name, parameter in vision_model.named_parameters()
+            if parameter.requires_grad and not name.startswith("post_layernorm")
+        ]
+        if still_training:
+            raise ValueError(
+                f"FrozenFeatureDataset computes the image encoder's features once, but {len(still_training)} of its "
+                f"parameters still train (e.g. {still_training[:3]}): their updates would never reach the cached "
+                "features. Freeze the encoder first (model.freeze_vision_encoder(), which keeps the post-LayerNorm "
+                "trainable), or train without the cache"
+            )
         self.dataset = dataset
         self.image_column = image_column
+        if image_id_column is not None and len(dataset) and image_id_column not in _columns(dataset):
+            image_id_column = None  # no such column: every example is its own image
         if image_id_column is None:
             keys = list(range(len(dataset)))
         elif hasattr(dataset, "column_names"):  # a `datasets.Dataset`: read the column without decoding images

@@ -143,6 +143,7 @@ def test_stage2_with_cached_frozen_features_matches_the_pixel_path() -> None:
     model, processor = tiny_checkpoint_parts()
     collator = Blip2CaptionCollator(processor, False, model.config.text_config.eos_token_id, prompt="a photo of")
     examples = _examples()
+    model.freeze_vision_encoder()
     cached = FrozenFeatureDataset(examples, model.vision_model, processor.image_processor, progress=False)
     plain, from_cache = collator(examples), collator([cached[i] for i in range(len(cached))])
     assert "pixel_values" not in from_cache and torch.equal(plain["labels"], from_cache["labels"])

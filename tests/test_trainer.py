@@ -226,6 +226,17 @@ def test_feature_cache_gives_the_losses_of_the_uncached_path(parts) -> None:
     model, collator, _ = parts
     model.eval()
     data = _dataset(repeats=2)
+    with pytest.raises(ValueError, match="parameters still train"):
+        FrozenFeatureDataset(data, model.vision_model, collator.image_processor, progress=False)
+    model.freeze_vision_encoder()
+    # The collator's image-id column is the default; a dataset without it caches one entry per example.
+    assert (
+        FrozenFeatureDataset(data, model.vision_model, collator.image_processor, progress=False).features.shape[0] == 4
+    )
+    no_ids = [{key: value for key, value in example.items() if key != "image_id"} for example in data]
+    assert (
+        len(FrozenFeatureDataset(no_ids, model.vision_model, collator.image_processor, progress=False).features) == 8
+    )
     cached = FrozenFeatureDataset(
         data, model.vision_model, collator.image_processor, image_id_column="image_id", batch_size=3, progress=False
     )
@@ -314,3 +325,18 @@ def test_evaluate_reports_the_stage1_loss_and_its_terms(parts, tmp_path) -> None
     terms = metrics["eval_loss_itc"] + metrics["eval_loss_itm"] + metrics["eval_loss_itg"]
     assert abs(metrics["eval_loss"] - terms) < 1e-4 * max(1.0, terms)  # one eval batch: the loss is the terms' sum
     assert trainer.state.best_metric is not None
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned_about(parts, tmp_path, caplog) -> None:
+    model, collator, _ = parts
+    trainer = Blip2Trainer(
+        model=model,
+        args=_args(tmp_path, warmup_steps=2000, max_steps=2),
+        train_dataset=_dataset(),
+        data_collator=collator,
+    )
+    with caplog.at_level("WARNING", logger="modeling_blip2.trainer"):
+        trainer.train()
+    assert any(
+        "warm-up (2000 steps) is as long as the whole run (2 steps)" in record.message for record in caplog.records
+    )

@@ -365,8 +365,19 @@ class Blip2ImageTextProcessor(ProcessorMixin):
         )
         return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}
 
-    def decode_generated(self, sequences: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
-        """Decodes `generate` outputs, dropping image tokens, padding and other special tokens."""
+    def decode_generated(self, sequences: Any, skip_special_tokens: bool = True) -> list[str]:
+        """Decodes `generate` outputs, dropping image tokens, padding and other special tokens.
+
+        `sequences` is the `(batch, length)` ids `generate` returns, or its output object
+        (`return_dict_in_generate=True`), whose `sequences` are decoded.
+        """
+        if not isinstance(sequences, torch.Tensor) and hasattr(sequences, "sequences"):
+            sequences = sequences.sequences
+        if isinstance(sequences, torch.Tensor) and sequences.dim() != 2:
+            raise ValueError(
+                f"decode_generated expects (batch, length) token ids or a generate output, got shape "
+                f"{tuple(sequences.shape)}"
+            )
         return [
             text.strip() for text in self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
         ]

@@ -169,6 +169,11 @@ def test_processor_output_drives_the_model(processor) -> None:
     generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3)
     assert generated.shape == (2, inputs.input_ids.shape[1] + 3)
     assert len(processor.decode_generated(generated)) == 2
+    # The output object of return_dict_in_generate=True decodes to the same texts.
+    as_object = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True)
+    assert processor.decode_generated(as_object) == processor.decode_generated(generated)
+    with pytest.raises(ValueError, match=r"\(batch, length\) token ids"):
+        processor.decode_generated(generated[0])
     training = processor(images=[image, image], text=["a photo of", "a"], for_training=True)
     loss = model(**training).loss
     assert torch.isfinite(loss)

@@ -160,9 +160,7 @@ class Blip2VisionModelWithProjection(Blip2PreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        image_features = vision_outputs.last_hidden_state
-        queries = self.query_tokens.expand(image_features.shape[0], -1, -1)
-        query_output = self.qformer(queries, encoder_hidden_states=image_features, return_dict=True).last_hidden_state
+        query_output = self.query_outputs(vision_outputs.last_hidden_state).last_hidden_state
         projected = self.vision_projection(query_output.to(self.vision_projection.weight.dtype))
         output = Blip2VisionModelOutput(
             image_embeds=F.normalize(projected, dim=-1),

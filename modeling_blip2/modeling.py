@@ -147,11 +147,13 @@ class Blip2ConditionalGenerationOutput(ModelOutput):
 
 @dataclass
 class Blip2ImageFeaturesOutput(BaseModelOutputWithPooling):
-    """`get_image_features` output, in transformers 5's layout for models that bridge an image encoder to an LLM.
+    """`get_image_features` output, in transformers 5's layout for models that bridge an image encoder to a text side.
 
     Args:
         last_hidden_state: `(batch, 1 + num_patches, vision_hidden)` vision encoder output (post-LayerNorm).
-        pooler_output: `(batch, num_query_tokens, llm_hidden)` soft visual prompts (the projected query outputs).
+        pooler_output: The image features of the model: `(batch, num_query_tokens, llm_hidden)` soft visual prompts
+            (`Blip2ForConditionalGeneration`), or `(batch, num_query_tokens, embed_dim)` normalised contrastive
+            embeddings (the stage-1 models).
         hidden_states: The vision encoder's hidden states, when asked for (`output_hidden_states`).
         attentions: The vision encoder's attention weights, when asked for (`output_attentions`).
         vision_outputs: The full vision model output.
@@ -306,6 +308,13 @@ class Blip2PreTrainedModel(PreTrainedModel):
             )
 
     # -- the Q-Former over queries and text (models that own query_tokens, embeddings and qformer) ---------------
+    def query_outputs(
+        self, image_embeds: torch.Tensor, **qformer_kwargs: Any
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        """The queries after the Q-Former, cross-attending to `image_embeds`: `(B, num_query_tokens, hidden)`."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(queries, encoder_hidden_states=image_embeds, return_dict=True, **qformer_kwargs)
+
     def _queries_with_text(
         self,
         image_embeds: torch.Tensor,
@@ -782,10 +791,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         if qformer_input_ids is None:
             if qformer_attention_mask is not None:
                 raise ValueError("qformer_attention_mask was given without qformer_input_ids")
-            queries = self.query_tokens.expand(batch, -1, -1)
-            qformer_outputs = self.qformer(
-                queries, encoder_hidden_states=image_embeds, return_dict=True, **outputs_wanted
-            )
+            qformer_outputs = self.query_outputs(image_embeds, **outputs_wanted)
         else:
             qformer_attention_mask = self._check_qformer_text(qformer_input_ids, qformer_attention_mask, batch)
             qformer_outputs = self._queries_with_text(
@@ -900,12 +906,9 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
                 f"attention_mask must have the shape of {what} {(batch, length)}, got {tuple(attention_mask.shape)}"
             )
         image_mask = self._image_token_mask(input_ids, inputs_embeds)
-        if torch.compiler.is_compiling():
-            # Compiled graphs cannot branch on the data: they take the processor layout as given.
-            labels = None if labels is None else labels.masked_fill(image_mask, IGNORE_INDEX)
-            return _LanguageModelInputs(input_ids, attention_mask, labels, image_mask, False, inputs_embeds)
         counts = image_mask.sum(dim=1)
-        if bool((counts == num_queries).all()):
+        # Compiled graphs cannot branch on the data: they take the processor layout as given.
+        if torch.compiler.is_compiling() or bool((counts == num_queries).all()):
             if labels is not None:
                 labels = labels.masked_fill(image_mask, IGNORE_INDEX)
             return _LanguageModelInputs(input_ids, attention_mask, labels, image_mask, False, inputs_embeds)

@@ -168,13 +168,6 @@ class _Blip2Stage1Model(Blip2PreTrainedModel):
             )
         return self.vision_model.apply_post_layernorm(frozen_image_features)
 
-    def query_outputs(
-        self, image_embeds: torch.Tensor, **qformer_kwargs: Any
-    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
-        """The queries after the Q-Former, cross-attending to `image_embeds`: `(B, num_query_tokens, hidden)`."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(queries, encoder_hidden_states=image_embeds, return_dict=True, **qformer_kwargs)
-
     def project_image(self, query_output: torch.Tensor) -> torch.Tensor:
         """`(B, Q, hidden)` -> `(B, Q, embed_dim)` L2-normalised contrastive image embeddings."""
         return F.normalize(self.vision_projection(query_output.to(self.vision_projection.weight.dtype)), dim=-1)

@@ -157,16 +157,23 @@ class Blip2Trainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach().mean(), None, None
 
-    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
         """transformers' loop; for stage 1 its metrics gain `{prefix}_loss_itc`, `_loss_itm`, `_loss_itg` and
         `_temperature` (means over the evaluation batches) beside `{prefix}_loss`, so that
         `metric_for_best_model="loss_itc"` and `load_best_model_at_end` work."""
         self._eval_sums, self._eval_counts = {}, {}
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         for name, total in self._eval_sums.items():
             value = self.accelerator.gather(torch.as_tensor(total, device=self.args.device)[None])
-            output.metrics[f"{prefix}_{name}"] = round(float(value.sum()) / (self._eval_counts[name] * len(value)), 6)
+            mean = float(value.sum()) / (self._eval_counts[name] * len(value))
+            output.metrics[f"{metric_key_prefix}_{name}"] = round(mean, 6)
         self._eval_sums, self._eval_counts = {}, {}
         return output
 

@@ -14,6 +14,7 @@ from transformers import (
     AutoProcessor,
 )
 
+from .caption_metrics import CaptionMetrics
 from .configuration import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 from .embedding_models import (
     Blip2TextModelOutput,
@@ -39,7 +40,7 @@ from .processing import Blip2ImageTextProcessor, blip2_image_processor, load_qfo
 from .qformer import ATTENTION_TYPES, Blip2TextEmbeddings, build_qformer_attention_mask
 from .remote_code import add_remote_code, save_with_remote_code
 from .retrieval import RetrievalResult, evaluate_retrieval, recall_at_k, zero_shot_classify, zero_shot_classify_texts
-from .vqa import normalize_vqa_answer, predict_answers, vqa_accuracy
+from .vqa import Blip2VqaCollator, VqaMetrics, normalize_vqa_answer, predict_answers, vqa_accuracy
 
 __version__ = "0.1.0"
 
@@ -112,11 +113,14 @@ __all__ = [
     "Blip2VisionModelOutput",
     "Blip2VisionModelWithProjection",
     "Blip2VisualQuestionAnsweringPipeline",
+    "Blip2VqaCollator",
+    "CaptionMetrics",
     "FrozenFeatureDataset",
     "HandoffReport",
     "InitReport",
     "RandomResizedCropFlip",
     "RetrievalResult",
+    "VqaMetrics",
     "add_remote_code",
     "blip2_image_processor",
     "build_qformer_attention_mask",

@@ -12,6 +12,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 _PUNCTUATION = re.compile(r"[^\w\s]")
 
@@ -113,3 +114,38 @@ def cider(predictions: Mapping[object, str], references: Mapping[object, Sequenc
 def caption_scores(predictions: Mapping[object, str], references: Mapping[object, Sequence[str]]) -> dict[str, float]:
     """`{"bleu4": ..., "cider": ...}` in the papers' units (x100)."""
     return {"bleu4": 100 * bleu(predictions, references)[3], "cider": 100 * cider(predictions, references)}
+
+
+class CaptionMetrics:
+    """A `compute_metrics` for `Blip2Trainer(predict_with_generate=True)`: BLEU-4 and CIDEr of the generated captions.
+
+    `Blip2Trainer` hands it decoded text: `EvalPrediction.predictions` the generated captions and `label_ids` the
+    target captions, in evaluation-set order. Each caption is scored against `references[i]` (all reference
+    captions of evaluation example `i`, e.g. COCO's five) when given, else against its single decoded target.
+
+    Args:
+        references: One list of reference captions per evaluation example, in the evaluation dataset's order.
+    """
+
+    def __init__(self, references: Sequence[Sequence[str]] | None = None) -> None:
+        if references is not None:
+            for index, captions in enumerate(references):
+                if isinstance(captions, str) or not captions or not all(isinstance(c, str) for c in captions):
+                    raise ValueError(f"references[{index}] must be a non-empty list of captions, got {captions!r}")
+        self.references = references
+
+    def __call__(self, prediction: Any) -> dict[str, float]:
+        captions = list(prediction.predictions)
+        if not all(isinstance(caption, str) for caption in captions):
+            raise ValueError(
+                "CaptionMetrics scores decoded captions: use it with Blip2Trainer and predict_with_generate=True"
+            )
+        if self.references is None:
+            if prediction.label_ids is None:
+                raise ValueError("no references: the evaluation batches have no labels and none were given")
+            references = [[target] for target in prediction.label_ids]
+        else:
+            references = [list(captions) for captions in self.references]
+        if len(references) != len(captions):
+            raise ValueError(f"{len(captions)} generated captions but {len(references)} reference lists")
+        return caption_scores(dict(enumerate(captions)), dict(enumerate(references)))

@@ -199,6 +199,8 @@ class Blip2Config(_ReadsOfficialConfigs, PreTrainedConfig):
     model_type = "modeling_blip2"
     official_model_type = "blip-2"
     attribute_map: ClassVar[dict[str, str]] = {"image_token_id": "image_token_index"}
+    # Trainer's evaluation keeps only the logits (the nested outputs hold the LLM's cache object).
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["vision_outputs", "qformer_outputs", "language_model_outputs"]
     sub_configs_defaults: ClassVar[dict[str, Any]] = {
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="opt"),
         "vision_config": Blip2VisionConfig,

@@ -6,20 +6,23 @@ decay, frozen parts), and feeds the data (augmentation, tokenization, cached ima
 
 from __future__ import annotations
 
+import copy
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainingArguments
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
+from .columns import SAMPLE_KEY, column_value, text_values
+from .end_token import EndTokenFromModel, model_end_token_ids, unwrap_model
 from .pretraining import Blip2ForPretraining
 from .processing import QFORMER_START_TOKEN, to_rgb_image
 
@@ -55,6 +58,19 @@ class Blip2TrainingArguments(TrainingArguments):
         default=True, metadata={"help": "freeze the image encoder (its post-LayerNorm stays trainable)"}
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "the collators read raw columns"})
+    predict_with_generate: bool = field(
+        default=False,
+        metadata={
+            "help": "evaluate / predict a conditional-generation model by generating text; compute_metrics then "
+            "receives decoded strings (see caption_metrics.CaptionMetrics and vqa.VqaMetrics)"
+        },
+    )
+    generation_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "max_new_tokens of evaluation-time generation (default: generation_config)"}
+    )
+    generation_num_beams: int | None = field(
+        default=None, metadata={"help": "num_beams of evaluation-time generation (default: generation_config)"}
+    )
 
     def __post_init__(self) -> None:
         if self.lr_scheduler_type == "cosine_with_min_lr":
@@ -67,6 +83,16 @@ class Blip2TrainingArguments(TrainingArguments):
             raise ValueError(f"loss weights must be >= 0 and not all zero, got itc/itm/itg = {weights}")
         if self.layer_wise_lr_decay is not None and not 0 < self.layer_wise_lr_decay <= 1:
             raise ValueError(f"layer_wise_lr_decay must be in (0, 1], got {self.layer_wise_lr_decay}")
+        for name in ("generation_max_new_tokens", "generation_num_beams"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+    @property
+    def generation_kwargs(self) -> dict[str, int]:
+        """The `generate` arguments of evaluation-time generation that these arguments set."""
+        kwargs = {"max_new_tokens": self.generation_max_new_tokens, "num_beams": self.generation_num_beams}
+        return {name: value for name, value in kwargs.items() if value is not None}
 
     @property
     def loss_weights(self) -> dict[str, float]:
@@ -107,11 +133,20 @@ class Blip2Trainer(Trainer):
             raise TypeError(f"Blip2Trainer needs Blip2TrainingArguments, got {type(args).__name__}")
         if model is not None and args is not None and args.freeze_vision_encoder:
             model.freeze_vision_encoder()
+        if model is not None:
+            _check_collator_fits_model(kwargs.get("data_collator"), model)
         super().__init__(model=model, args=args, **kwargs)
         self._loss_sums: dict[str, Any] = {}
         self._loss_counts: dict[str, int] = {}
         self._eval_sums: dict[str, Any] = {}
         self._eval_counts: dict[str, int] = {}
+        self._generation_overrides: dict[str, Any] = {}
+        self._sample_keyed: _SampleKeyedDataset | None = None
+        self._special_tokens: dict[str, Any] | None = None
+        self.add_callback(_Blip2TrainingHooks(self))
+        if self.args.predict_with_generate and self.compute_metrics is not None:
+            end_ids = model_end_token_ids(self.model) if self.model is not None else []
+            self.compute_metrics = _DecodedMetrics(self.compute_metrics, self._decoding_tokenizer(), end_ids)
 
     # -- loss -------------------------------------------------------------------------------------------------------
     def compute_loss(
@@ -140,7 +175,50 @@ class Blip2Trainer(Trainer):
             _accumulate(sums, counts, "temperature", outputs.temperature)
         return (loss, outputs) if return_outputs else loss
 
+    # -- training ---------------------------------------------------------------------------------------------------
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`. With a tokenizer or processor as `processing_class`, transformers would rewrite the
+        model's EOS / BOS / PAD ids to the tokenizer's (and the saved checkpoint would keep them); the model's
+        `generation_config` is the source of truth for BLIP-2's end token, so its ids are restored before the first
+        step (see `end_token`)."""
+        self._special_tokens = _special_token_ids(self.model)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._special_tokens = None
+
+    def get_train_dataloader(self) -> Any:
+        """transformers' loader; a collator that draws random numbers (augmentation, prefix-LM split) gets each
+        example's (epoch, index), so that its draws are a function of (seed, epoch, sample) and resuming from a
+        checkpoint reproduces the uninterrupted run exactly."""
+        dataset = self.train_dataset
+        if not getattr(self.data_collator, "draws_per_sample", False) or not _is_map_style(dataset):
+            return super().get_train_dataloader()
+        self._sample_keyed = _SampleKeyedDataset(dataset)
+        self.train_dataset = self._sample_keyed
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset = dataset
+
     # -- evaluation -------------------------------------------------------------------------------------------------
+    def evaluate(self, *args: Any, **gen_kwargs: Any) -> dict[str, float]:
+        """`Trainer.evaluate`; extra keyword arguments go to `generate` when `predict_with_generate` is set."""
+        return self._with_generation_overrides(super().evaluate, args, gen_kwargs)
+
+    def predict(self, *args: Any, **gen_kwargs: Any) -> Any:
+        """`Trainer.predict`; extra keyword arguments go to `generate` when `predict_with_generate` is set. Its
+        `predictions` are then the generated token ids (new tokens only, padded with -100 across batches)."""
+        return self._with_generation_overrides(super().predict, args, gen_kwargs)
+
+    def _with_generation_overrides(self, method: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        known = {"eval_dataset", "test_dataset", "ignore_keys", "metric_key_prefix"}
+        self._generation_overrides = {name: value for name, value in kwargs.items() if name not in known}
+        try:
+            return method(*args, **{name: value for name, value in kwargs.items() if name in known})
+        finally:
+            self._generation_overrides = {}
+
     def prediction_step(
         self,
         model: nn.Module,
@@ -149,13 +227,39 @@ class Blip2Trainer(Trainer):
         ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Stage 1 has no `labels`, so transformers would compute no loss: evaluate the composed stage-1 loss (and
-        collect its terms for `evaluate`'s metrics). Other models: transformers' own step."""
-        if not _is_stage1(model):
+        collect its terms for `evaluate`'s metrics). Conditional generation with `predict_with_generate`: the loss
+        on the batch's labels, and the text generated from each row's prompt (its tokens before the first target)
+        as predictions. Otherwise transformers' own step (the model's outputs other than the logits are ignored:
+        `config.keys_to_ignore_at_inference`)."""
+        if _is_stage1(model):
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach().mean(), None, None
+        if not self.args.predict_with_generate or prediction_loss_only:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
+        base = unwrap_model(model)
+        loss = None
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach().mean(), None, None
+            if "labels" in inputs:
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, inputs).detach().mean()
+            prompts = generation_prompts(inputs, base.config)
+            generated = base.generate(**prompts, **{**self.args.generation_kwargs, **self._generation_overrides})
+        if not base.config.is_encoder_decoder:  # decoder-only generate returns the prompt first
+            generated = generated[:, prompts["input_ids"].shape[1] :]
+        return loss, generated, inputs.get("labels")
+
+    def _decoding_tokenizer(self) -> Any:
+        for source in (self.processing_class, self.data_collator):
+            tokenizer = getattr(source, "tokenizer", source if hasattr(source, "batch_decode") else None)
+            if tokenizer is not None and hasattr(tokenizer, "batch_decode"):
+                return tokenizer
+        raise ValueError(
+            "predict_with_generate with compute_metrics decodes the generated text, but neither processing_class "
+            "nor the data collator has a tokenizer: pass processing_class=processor"
+        )
 
     def evaluation_loop(
         self,
@@ -207,12 +311,189 @@ class Blip2Trainer(Trainer):
         return self.optimizer
 
 
+class _Blip2TrainingHooks(TrainerCallback):
+    """What `Blip2Trainer` does at points of transformers' training loop that have no method to override."""
+
+    def __init__(self, trainer: Blip2Trainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # transformers' align_special_tokens ran at the start of train(): undo it, the model's ids are the truth.
+        if self.trainer._special_tokens is not None:
+            _restore_special_token_ids(self.trainer.model, self.trainer._special_tokens)
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Before the epoch's iterator is made (so non-persistent loader workers copy the new epoch too).
+        if self.trainer._sample_keyed is not None:
+            self.trainer._sample_keyed.epoch = math.floor((state.epoch or 0) + 1e-6)
+
+
+SPECIAL_TOKEN_NAMES = ("eos_token_id", "bos_token_id", "pad_token_id")
+
+
+def _special_token_ids(model: nn.Module | None) -> dict[str, Any]:
+    """The special token ids of the model's text config and generation config."""
+    base = unwrap_model(model)
+    configs = {"config": _text_config(base), "generation_config": getattr(base, "generation_config", None)}
+    return {
+        where: {name: copy.deepcopy(getattr(config, name, None)) for name in SPECIAL_TOKEN_NAMES}
+        for where, config in configs.items()
+        if config is not None
+    }
+
+
+def _restore_special_token_ids(model: nn.Module, saved: dict[str, Any]) -> None:
+    base = unwrap_model(model)
+    configs = {"config": _text_config(base), "generation_config": getattr(base, "generation_config", None)}
+    restored = {}
+    for where, values in saved.items():
+        for name, value in values.items():
+            if getattr(configs[where], name, None) != value:
+                restored[f"{where}.{name}"] = value
+                setattr(configs[where], name, value)
+    if restored:
+        logger.warning(
+            f"kept the model's own special token ids {restored}, which transformers had aligned with the "
+            "processing_class tokenizer: BLIP-2 ends generated text at generation_config.eos_token_id"
+        )
+
+
+def _text_config(model: Any) -> Any:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _check_collator_fits_model(collator: Any, model: nn.Module) -> None:
+    """The meeting point of collator and model: the right collator for the stage, and one end token."""
+    if collator is None:
+        return
+    stage1 = _is_stage1(model)
+    if stage1 and isinstance(collator, EndTokenFromModel):
+        raise ValueError(
+            f"{type(collator).__name__} builds LLM batches (input_ids and labels for Blip2ForConditionalGeneration), "
+            "but the model is a stage-1 Blip2ForPretraining: use Blip2ImageTextCollator"
+        )
+    if not stage1 and isinstance(collator, Blip2ImageTextCollator):
+        raise ValueError(
+            f"Blip2ImageTextCollator builds stage-1 batches (Q-Former text, no LLM labels), but the model is "
+            f"{type(unwrap_model(model)).__name__}: use Blip2CaptionCollator (captions) or Blip2VqaCollator (VQA)"
+        )
+    if isinstance(collator, EndTokenFromModel):
+        collator.bind_model(model)
+
+
+class _SampleKeyedDataset(Dataset):
+    """A map-style dataset whose examples also carry `(epoch, index)` under `SAMPLE_KEY` (for the collators' random
+    draws); `Blip2Trainer` sets `epoch` at the start of each epoch."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.dataset[index]
+        if not isinstance(example, Mapping):
+            raise TypeError(f"training examples must be dicts of columns, example {index} is {type(example).__name__}")
+        return {**example, SAMPLE_KEY: (self.epoch, int(index))}
+
+
+def _is_map_style(dataset: Any) -> bool:
+    return (
+        dataset is not None
+        and not isinstance(dataset, IterableDataset)
+        and hasattr(dataset, "__getitem__")
+        and hasattr(dataset, "__len__")
+    )
+
+
+def sample_rng(seed: int, example: Mapping[str, Any], fallback: random.Random) -> random.Random:
+    """The random generator of one example: seeded by (seed, epoch, index) when `Blip2Trainer` keyed the example
+    (reproducible across resumes and worker processes), else the collator's own running generator."""
+    key = example.get(SAMPLE_KEY)
+    if key is None:
+        return fallback
+    epoch, index = key
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
+def generation_prompts(batch: Mapping[str, Any], config: Any) -> dict[str, Any]:
+    """The `generate` inputs of a training batch: its image inputs, and each row's prompt (decoder-only LLMs: the
+    attended tokens before the row's first target, left-padded; encoder-decoder LLMs: the encoder input)."""
+    image_keys = ("pixel_values", "frozen_image_features", "qformer_input_ids", "qformer_attention_mask")
+    prompts = {name: batch[name] for name in image_keys if batch.get(name) is not None}
+    input_ids = batch.get("input_ids")
+    if input_ids is None:
+        return prompts
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if config.is_encoder_decoder:
+        return {**prompts, "input_ids": input_ids, "attention_mask": attention_mask}
+    labels = batch.get("labels")
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    rows = []
+    for row in range(input_ids.shape[0]):
+        keep = attention_mask[row].bool()
+        if labels is not None:
+            targets = (labels[row] != IGNORE_LABEL).nonzero()
+            if len(targets):
+                keep &= positions < targets[0, 0]
+        rows.append(input_ids[row][keep])
+    width = max(len(row) for row in rows)
+    if width == 0:
+        return prompts  # no prompt at all: generate from the image alone
+    pad = getattr(config.get_text_config(), "pad_token_id", None) or 0
+    ids = input_ids.new_full((len(rows), width), pad)
+    mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        if len(row):
+            ids[index, width - len(row) :], mask[index, width - len(row) :] = row, 1
+    return {**prompts, "input_ids": ids, "attention_mask": mask}
+
+
+class _DecodedMetrics:
+    """Wraps a `compute_metrics` so that it receives decoded strings: `EvalPrediction.predictions` the generated
+    texts, `label_ids` the target texts (each cut at the model's end token, special tokens dropped, stripped)."""
+
+    def __init__(self, compute_metrics: Any, tokenizer: Any, end_token_ids: Sequence[int] = ()) -> None:
+        self.compute_metrics, self.tokenizer, self.end_token_ids = compute_metrics, tokenizer, set(end_token_ids)
+
+    def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
+        predictions = prediction.predictions
+        if isinstance(predictions, tuple):
+            predictions = predictions[0]
+        labels = prediction.label_ids
+        return self.compute_metrics(
+            EvalPrediction(
+                predictions=self.decode(predictions),
+                label_ids=None if labels is None else self.decode(labels),
+                inputs=prediction.inputs,
+                losses=prediction.losses,
+            )
+        )
+
+    def decode(self, rows: Any) -> list[str]:
+        texts = []
+        for row in rows:
+            ids = []
+            for token in (int(token) for token in row):
+                if token < 0:  # -100: label masking, or padding between batches
+                    continue
+                if token in self.end_token_ids and ids:
+                    break
+                ids.append(token)
+            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+        return texts
+
+
 def _is_stage1(model: nn.Module) -> bool:
     """Whether `model` (possibly wrapped by DDP / PEFT) computes the stage-1 terms."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP and friends
-        model = model.module
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return isinstance(base, Blip2ForPretraining)
+    return isinstance(unwrap_model(model), Blip2ForPretraining)
 
 
 def parameter_groups(
@@ -276,24 +557,26 @@ class RandomResizedCropFlip:
     flip_probability: float = 0.5
     rng: random.Random = field(default_factory=random.Random)
 
-    def __call__(self, image: Image.Image) -> Image.Image:
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Image.Image:
+        """Augments `image` with the draws of `rng` (default: this transform's own generator)."""
+        rng = self.rng if rng is None else rng
         width, height = image.size
         area = width * height
         for _ in range(10):
-            target_area = area * self.rng.uniform(*self.scale)
-            aspect = math.exp(self.rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+            target_area = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
             crop_width = round(math.sqrt(target_area * aspect))
             crop_height = round(math.sqrt(target_area / aspect))
             if 0 < crop_width <= width and 0 < crop_height <= height:
-                left = self.rng.randint(0, width - crop_width)
-                top = self.rng.randint(0, height - crop_height)
+                left = rng.randint(0, width - crop_width)
+                top = rng.randint(0, height - crop_height)
                 break
         else:  # no admissible crop in 10 draws (extreme aspect ratios): keep the whole image
             crop_width, crop_height = width, height
             left, top = 0, 0
         box = (left, top, left + crop_width, top + crop_height)
         image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
-        if self.rng.random() < self.flip_probability:
+        if rng.random() < self.flip_probability:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image
 
@@ -311,7 +594,9 @@ class Blip2ImageTextCollator:
         image_processor: The BLIP-2 image processor (`blip2_image_processor(image_size)`).
         qformer_tokenizer: BERT tokenizer with `[DEC]` (`load_qformer_tokenizer`).
         augment: Apply `RandomResizedCropFlip` (the paper's training augmentation) before the image processor.
-        seed: Seed of the augmentation's random generator.
+        seed: Seed of the augmentation. Under `Blip2Trainer` each example's draws are a function of (seed, epoch,
+            example index), so a run resumed from a checkpoint augments exactly as the uninterrupted one.
+        image_id_column: Integer image ids (captions of one image are positives of each other); used when present.
     """
 
     def __init__(
@@ -337,17 +622,12 @@ class Blip2ImageTextCollator:
         self.max_length = max_length
         self.image_column, self.text_column, self.image_id_column = image_column, text_column, image_id_column
         size = image_processor.size if isinstance(image_processor.size, int) else image_processor.size["height"]
+        self.seed = seed
         self.augmentation = RandomResizedCropFlip(int(size), rng=random.Random(seed)) if augment else None
+        self.draws_per_sample = augment
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("cannot collate an empty batch")
-        texts = []
-        for index, example in enumerate(examples):
-            text = example.get(self.text_column)
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"example {index} has an empty or missing caption ({self.text_column!r}): {text!r}")
-            texts.append(text.strip())
+        texts = text_values(examples, self.text_column)
         encoded = self.qformer_tokenizer(
             texts,
             padding="max_length",
@@ -362,13 +642,47 @@ class Blip2ImageTextCollator:
                 raise ValueError("cached image features cannot be augmented: turn off augment or the feature cache")
             batch["frozen_image_features"] = torch.stack([example["frozen_image_features"] for example in examples])
         else:
-            images = [to_rgb_image(example.get(self.image_column)) for example in examples]
-            if self.augmentation is not None:
-                images = [self.augmentation(image) for image in images]
-            batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
+            batch["pixel_values"] = _pixel_values(examples, self.image_column, self.image_processor, self)
         if self.image_id_column is not None and self.image_id_column in examples[0]:
-            batch["image_ids"] = torch.tensor([int(example[self.image_id_column]) for example in examples])
+            ids = [
+                _image_id(example.get(self.image_id_column), i, self.image_id_column)
+                for i, example in enumerate(examples)
+            ]
+            batch["image_ids"] = torch.tensor(ids)
         return batch
+
+
+def _pixel_values(examples: Sequence[Mapping[str, Any]], column: str, image_processor: Any, collator: Any) -> Any:
+    """The processed images of `column` (augmented when the collator augments), naming a missing column."""
+    images = []
+    for index, example in enumerate(examples):
+        value = column_value(example, index, column, "image")
+        try:
+            image = to_rgb_image(value)
+        except ValueError as error:
+            raise ValueError(f"example {index}, column {column!r}: {error}") from error
+        if collator.augmentation is not None:
+            image = collator.augmentation(image, sample_rng(collator.seed, example, collator.augmentation.rng))
+        images.append(image)
+    return image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def _image_id(value: Any, index: int, column: str) -> int:
+    """An image id as an int; non-integral numbers and other types are refused (1.7 and 1.2 must not merge)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        value = value.item()
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not value.is_integer())
+    ):
+        raise ValueError(
+            f"example {index} has image id {value!r} ({column!r}): image ids must be integers (captions with the same "
+            "id are positives of each other); map other ids (file names, floats) to integers first"
+        )
+    return int(value)
 
 
 class FrozenFeatureDataset(Dataset):
@@ -414,9 +728,16 @@ class FrozenFeatureDataset(Dataset):
                 "features. Freeze the encoder first (model.freeze_vision_encoder(), which keeps the post-LayerNorm "
                 "trainable), or train without the cache"
             )
+        if len(dataset) == 0:
+            raise ValueError("FrozenFeatureDataset got an empty dataset: there are no images to encode")
+        if image_column not in _columns(dataset):
+            raise ValueError(
+                f"FrozenFeatureDataset reads images from column {image_column!r}, but the dataset's columns are "
+                f"{_columns(dataset)}: pass image_column=..."
+            )
         self.dataset = dataset
         self.image_column = image_column
-        if image_id_column is not None and len(dataset) and image_id_column not in _columns(dataset):
+        if image_id_column is not None and image_id_column not in _columns(dataset):
             image_id_column = None  # no such column: every example is its own image
         if image_id_column is None:
             keys = list(range(len(dataset)))
@@ -466,24 +787,28 @@ class FrozenFeatureDataset(Dataset):
         return example
 
 
-class Blip2CaptionCollator:
+class Blip2CaptionCollator(EndTokenFromModel):
     """Batches image-caption pairs for stage 2 and caption fine-tuning (`Blip2ForConditionalGeneration`).
 
     Decoder-only LLMs (LM loss): `[<image> x Q] + prompt + caption + end token`, labels -100 on the image tokens, the
-    prompt and padding, right padding. The end token defaults to the LLM's `eos_token_id` ("\n" in the official OPT
-    checkpoints), appended by id. Encoder-decoder LLMs (prefix LM): the encoder reads `[<image> x Q] + prompt`, and
-    with `prefix_lm=True` also a random leading part of the caption (split at a word boundary, at least one word
-    left); the decoder target is the rest of the caption.
+    prompt and padding, right padding. The end token is the one `generate` stops at, the model's
+    `generation_config.eos_token_id` ("\\n" in the official OPT checkpoints, not the tokenizer's `</s>`), appended by
+    id: `Blip2Trainer` takes it from the model (`bind_model`), or pass it. Encoder-decoder LLMs (prefix LM): the
+    encoder reads `[<image> x Q] + prompt`, and with `prefix_lm=True` also a random leading part of the caption
+    (split at a word boundary, at least one word left); the decoder target is the rest of the caption.
 
     Args:
         processor: A `Blip2ImageTextProcessor` (image processor, LLM tokenizer, `num_query_tokens`).
         is_encoder_decoder: The LLM family (`model.config.is_encoder_decoder`).
-        eos_token_id: End of caption for decoder-only LLMs (`model.config.text_config.eos_token_id`).
+        eos_token_id: End of caption for decoder-only LLMs; None takes `model.generation_config.eos_token_id` when
+            the collator meets the model (`Blip2Trainer`, `bind_model`). An id the model does not stop at is refused.
         prompt: Text before the caption (the paper's fine-tuning prompt is "a photo of").
         max_length: Longest encoder / decoder-only sequence, image tokens included; captions are truncated (the end
             token is kept).
         prefix_lm: Split captions for the encoder-decoder prefix-LM objective (stage 2).
         augment: The paper's random resized crop + flip.
+        seed: Seed of the augmentation and of the prefix split; under `Blip2Trainer` each example's draws are a
+            function of (seed, epoch, example index), so resuming reproduces the uninterrupted run.
     """
 
     def __init__(
@@ -502,10 +827,6 @@ class Blip2CaptionCollator:
         tokenizer = processor.tokenizer
         if processor.num_query_tokens is None:
             raise ValueError("the processor's num_query_tokens is not set")
-        if not is_encoder_decoder and eos_token_id is None:
-            eos_token_id = tokenizer.eos_token_id
-        if not is_encoder_decoder and eos_token_id is None:
-            raise ValueError("decoder-only captions need an end token: pass eos_token_id")
         if max_length <= processor.num_query_tokens + 1:
             raise ValueError(
                 f"max_length ({max_length}) leaves no room after {processor.num_query_tokens} image tokens"
@@ -514,35 +835,28 @@ class Blip2CaptionCollator:
         self.is_encoder_decoder, self.eos_token_id = is_encoder_decoder, eos_token_id
         self.prompt, self.max_length, self.prefix_lm = prompt, max_length, prefix_lm
         self.image_column, self.text_column = image_column, text_column
-        self.rng = random.Random(seed)
+        self.seed, self.rng = seed, random.Random(seed)
         size = processor.image_processor.size
         size = size if isinstance(size, int) else size["height"]
         self.augmentation = RandomResizedCropFlip(int(size), rng=random.Random(seed)) if augment else None
+        self.draws_per_sample = augment or (prefix_lm and is_encoder_decoder)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("cannot collate an empty batch")
-        captions = []
-        for index, example in enumerate(examples):
-            caption = example.get(self.text_column)
-            if not isinstance(caption, str) or not caption.strip():
-                raise ValueError(
-                    f"example {index} has an empty or missing caption ({self.text_column!r}): {caption!r}"
-                )
-            captions.append(caption.strip())
+        captions = text_values(examples, self.text_column)
+        end_token = None if self.is_encoder_decoder else self._end_token()
         if "frozen_image_features" in examples[0]:  # from FrozenFeatureDataset: the encoder already ran
             if self.augmentation is not None:
                 raise ValueError("cached image features cannot be augmented: turn off augment or the feature cache")
             batch = {"frozen_image_features": torch.stack([example["frozen_image_features"] for example in examples])}
         else:
-            images = [to_rgb_image(example.get(self.image_column)) for example in examples]
-            if self.augmentation is not None:
-                images = [self.augmentation(image) for image in images]
-            batch = {"pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]}
+            batch = {"pixel_values": _pixel_values(examples, self.image_column, self.processor.image_processor, self)}
         rows = [
-            self._encoder_decoder_row(c) if self.is_encoder_decoder else self._decoder_only_row(c) for c in captions
+            self._encoder_decoder_row(caption, sample_rng(self.seed, example, self.rng))
+            if self.is_encoder_decoder
+            else self._decoder_only_row(caption, end_token)
+            for caption, example in zip(captions, examples, strict=True)
         ]
         image_ids = [self.processor.image_token_id] * self.processor.num_query_tokens
         encoder_rows = [image_ids + row[0] for row in rows]
@@ -554,7 +868,7 @@ class Blip2CaptionCollator:
             batch["labels"], _ = _right_pad(labels, IGNORE_LABEL)
         return batch
 
-    def _decoder_only_row(self, caption: str) -> tuple[list[int], list[int]]:
+    def _decoder_only_row(self, caption: str, end_token: int) -> tuple[list[int], list[int]]:
         prompt_ids = self.tokenizer(self.prompt, add_special_tokens=True).input_ids if self.prompt else []
         if not prompt_ids and self.tokenizer.bos_token_id is not None and _adds_bos(self.tokenizer):
             prompt_ids = [self.tokenizer.bos_token_id]
@@ -563,12 +877,12 @@ class Blip2CaptionCollator:
         room = self.max_length - self.processor.num_query_tokens - len(prompt_ids) - 1
         if room < 1:
             raise ValueError(f"max_length ({self.max_length}) leaves no room for a caption after the prompt")
-        caption_ids = caption_ids[:room] + [self.eos_token_id]
+        caption_ids = caption_ids[:room] + [end_token]
         return prompt_ids + caption_ids, [IGNORE_LABEL] * len(prompt_ids) + caption_ids
 
-    def _encoder_decoder_row(self, caption: str) -> tuple[list[int], list[int]]:
+    def _encoder_decoder_row(self, caption: str, rng: random.Random) -> tuple[list[int], list[int]]:
         words = caption.split()
-        split = self.rng.randint(0, len(words) - 1) if self.prefix_lm else 0
+        split = rng.randint(0, len(words) - 1) if self.prefix_lm else 0
         encoder_text = " ".join(part for part in (self.prompt, " ".join(words[:split])) if part)
         room = self.max_length - self.processor.num_query_tokens
         encoder_ids = self.tokenizer(encoder_text, truncation=True, max_length=room).input_ids

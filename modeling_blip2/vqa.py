@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .columns import column_value, text_values
+from .end_token import EndTokenFromModel
 from .modeling import Blip2ImageEncodingOutput
 from .processing import VQA_PROMPT_DECODER_ONLY, VQA_PROMPT_ENCODER_DECODER, to_rgb_image
 
@@ -170,6 +172,35 @@ def vqa_accuracy_batch(predictions: Sequence[str], ground_truth_answers: Sequenc
     pairs = zip(predictions, ground_truth_answers, strict=True)
     scores = [vqa_accuracy(prediction, answers) for prediction, answers in pairs]
     return sum(scores) / len(scores)
+
+
+class VqaMetrics:
+    """A `compute_metrics` for `Blip2Trainer(predict_with_generate=True)` on VQA: accuracy of the generated answers.
+
+    `Blip2Trainer` hands it decoded text (`EvalPrediction.predictions` the generated answers, `label_ids` the target
+    answers, in evaluation-set order). With `answers` (the human answers of each evaluation question, in order) it
+    reports the VQA accuracy (`vqa_accuracy`); without, `vqa_exact_match`: the share of generated answers equal to
+    the target after VQA normalisation (a single target is not the VQA accuracy, which needs the human answers).
+    """
+
+    def __init__(self, answers: Sequence[Sequence[str]] | None = None) -> None:
+        self.answers = answers
+
+    def __call__(self, prediction: Any) -> dict[str, float]:
+        predicted = list(prediction.predictions)
+        if not all(isinstance(answer, str) for answer in predicted):
+            raise ValueError(
+                "VqaMetrics scores decoded answers: use it with Blip2Trainer and predict_with_generate=True"
+            )
+        if self.answers is not None:
+            return {"vqa_accuracy": 100 * vqa_accuracy_batch(predicted, self.answers)}
+        if prediction.label_ids is None:
+            raise ValueError("no target answers: the evaluation batches have no labels and no answers were given")
+        targets = list(prediction.label_ids)
+        if len(targets) != len(predicted) or not predicted:
+            raise ValueError(f"{len(predicted)} generated answers but {len(targets)} targets")
+        matches = [normalize_vqa_answer(p) == normalize_vqa_answer(t) for p, t in zip(predicted, targets, strict=True)]
+        return {"vqa_exact_match": 100 * sum(matches) / len(matches)}
 
 
 # -- prediction -------------------------------------------------------------------------------------------------------
@@ -376,7 +407,7 @@ def most_common_answer(answers: str | Sequence[str]) -> str:
     return counts.most_common(1)[0][0]
 
 
-class Blip2VqaCollator:
+class Blip2VqaCollator(EndTokenFromModel):
     """Batches `{image, question, answer(s)}` rows for VQA fine-tuning of `Blip2ForConditionalGeneration`.
 
     - Decoder-only LLMs: `input_ids` = prompt + " " + answer + end token, labels -100 on the prompt and padding.
@@ -388,8 +419,9 @@ class Blip2VqaCollator:
     Args:
         processor: A `Blip2ImageTextProcessor`; its `qformer_tokenizer` encodes the questions for the Q-Former.
         is_encoder_decoder: The LLM family (`model.config.is_encoder_decoder`).
-        eos_token_id: End of answer for decoder-only LLMs (default: the tokenizer's EOS; the official OPT checkpoints
-            end with "\\n", their generation `eos_token_id`).
+        eos_token_id: End of answer for decoder-only LLMs; None takes `model.generation_config.eos_token_id` (the
+            official OPT checkpoints end with "\\n", not the tokenizer's `</s>`) when the collator meets the model
+            (`Blip2Trainer`, `bind_model`). An id the model does not stop at is refused there.
         prompt: Template with one `{}` for the question (default: the paper's zero-shot prompt of the LLM family).
         use_qformer_text: Also feed the question to the Q-Former.
         max_prompt_length, max_answer_length: LLM tokens kept of the prompt and of the answer.
@@ -415,10 +447,6 @@ class Blip2VqaCollator:
             prompt = VQA_PROMPT_ENCODER_DECODER if is_encoder_decoder else VQA_PROMPT_DECODER_ONLY
         if not isinstance(prompt, str) or prompt.count("{}") != 1:
             raise ValueError(f"prompt must be a template with exactly one {{}} for the question, got {prompt!r}")
-        if not is_encoder_decoder and eos_token_id is None:
-            eos_token_id = tokenizer.eos_token_id
-            if eos_token_id is None:
-                raise ValueError("decoder-only answers need an end token: pass eos_token_id")
         if use_qformer_text and getattr(processor, "qformer_tokenizer", None) is None:
             raise ValueError("use_qformer_text=True but the processor has no qformer_tokenizer")
         self.processor, self.tokenizer = processor, tokenizer
@@ -433,14 +461,15 @@ class Blip2VqaCollator:
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("cannot collate an empty batch")
-        questions, answers = [], []
-        for position, example in enumerate(examples):
-            question = example.get(self.question_column)
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"example {position} has an empty or missing question ({self.question_column!r})")
-            questions.append(question.strip())
-            answers.append(most_common_answer(example.get(self.answer_column) or ""))
-        images = [to_rgb_image(example.get(self.image_column)) for example in examples]
+        questions = text_values(examples, self.question_column, "question")
+        answers = [
+            most_common_answer(column_value(example, index, self.answer_column, "answer") or "")
+            for index, example in enumerate(examples)
+        ]
+        images = [
+            to_rgb_image(column_value(example, index, self.image_column, "image"))
+            for index, example in enumerate(examples)
+        ]
         batch = {"pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]}
         prompt_ids = self.tokenizer(
             [self.prompt.format(question) for question in questions],
@@ -459,7 +488,8 @@ class Blip2VqaCollator:
                 truncation=True,
                 max_length=self.max_answer_length,
             ).input_ids
-            targets = [answer + [self.eos_token_id] for answer in answer_ids]
+            end_token = self._end_token()
+            targets = [answer + [end_token] for answer in answer_ids]
             rows = [prompt + target for prompt, target in zip(prompt_ids, targets, strict=True)]
             labels = [
                 [IGNORE_INDEX] * len(prompt) + target for prompt, target in zip(prompt_ids, targets, strict=True)

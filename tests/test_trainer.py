@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -340,3 +341,89 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about(parts, tmp_path, caplog) -
     assert any(
         "warm-up (2000 steps) is as long as the whole run (2 steps)" in record.message for record in caplog.records
     )
+
+
+def _textured(repeats: int) -> list[dict]:
+    """Like `_dataset`, with images whose crops and flips differ (a plain square looks the same augmented)."""
+    examples = _dataset(repeats)
+    for example in examples:
+        pixels = np.random.default_rng(example["image_id"]).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        example["image"] = Image.fromarray(pixels)
+    return examples
+
+
+def test_resuming_with_augmentation_ends_with_the_same_weights(parts, tmp_path) -> None:
+    """Augmentation draws are a function of (seed, epoch, example): a resumed run augments as the straight one did
+    (its collator's own generator is in no checkpoint). 12 examples at batch 8: epochs of 2 steps, stopped mid-epoch."""
+    model, collator, tokenizer = parts
+    total, stop = 6, 3
+    augmenting = Blip2ImageTextCollator(collator.image_processor, tokenizer, max_length=8, augment=True, seed=5)
+    initial = {n: v.clone() for n, v in model.state_dict().items()}
+    common = {"max_steps": total, "save_strategy": "steps", "save_steps": stop, "learning_rate": 1e-3}
+    data = _textured(repeats=3)
+    Blip2Trainer(
+        model=model, args=_args(tmp_path / "a", **common), train_dataset=data, data_collator=augmenting
+    ).train()
+    expected = {n: v.clone() for n, v in model.state_dict().items()}
+
+    def fresh() -> Blip2ForPretraining:
+        again = Blip2ForPretraining(model.config)
+        again.load_state_dict(initial)
+        return again
+
+    fresh_collator = Blip2ImageTextCollator(collator.image_processor, tokenizer, max_length=8, augment=True, seed=5)
+    interrupted = Blip2Trainer(
+        model=fresh(),
+        args=_args(tmp_path / "b", **common),
+        train_dataset=data,
+        data_collator=fresh_collator,
+        callbacks=[_StopAfter(stop)],
+    )
+    interrupted.train()
+    resumed_model = fresh()
+    resumed = Blip2Trainer(
+        model=resumed_model, args=_args(tmp_path / "b", **common), train_dataset=data, data_collator=fresh_collator
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / f"checkpoint-{stop}"))
+    for name, value in expected.items():
+        assert torch.allclose(resumed_model.state_dict()[name], value, atol=1e-6), name
+    # Draws differ between examples and between epochs of one example.
+    keyed = [{**data[0], "__blip2_sample__": key} for key in ((0, 0), (0, 1), (1, 0))]
+    pixels = [augmenting([example])["pixel_values"] for example in keyed]
+    assert not torch.equal(pixels[0], pixels[1]) and not torch.equal(pixels[0], pixels[2])
+    assert torch.equal(pixels[0], augmenting([keyed[0]])["pixel_values"])
+
+
+def test_bad_training_inputs_are_named(parts, tmp_path) -> None:
+    model, collator, _ = parts
+    examples = _dataset(repeats=1)
+    with pytest.raises(ValueError, match=r"example 0 has image id 1\.2 \('image_id'\): image ids must be integers"):
+        collator([{**examples[0], "image_id": 1.2}, {**examples[1], "image_id": 1.7}])
+    assert collator([{**examples[0], "image_id": 3.0}, examples[1]])["image_ids"].tolist() == [3, 1]
+    with pytest.raises(ValueError, match=r"example 0 has no 'text' column \(the captions\); its columns are"):
+        collator([{"image": examples[0]["image"], "caption": "a red square"}])
+    with pytest.raises(ValueError, match=r"example 1 has no 'image' column \(the images\)"):
+        collator([examples[0], {"picture": examples[1]["image"], "text": "a green square"}])
+    model.freeze_vision_encoder()
+    with pytest.raises(ValueError, match="empty dataset"):
+        FrozenFeatureDataset([], model.vision_model, collator.image_processor, progress=False)
+    with pytest.raises(ValueError, match="reads images from column 'image', but the dataset's columns are"):
+        FrozenFeatureDataset([{"img": None, "text": "a"}], model.vision_model, collator.image_processor)
+
+
+def test_a_collator_of_the_other_stage_is_refused(parts, tmp_path) -> None:
+    from tiny import tiny_checkpoint_parts
+
+    from modeling_blip2 import Blip2CaptionCollator
+
+    model, collator, _ = parts
+    stage2_model, processor = tiny_checkpoint_parts()
+    with pytest.raises(ValueError, match="Blip2CaptionCollator builds LLM batches .* stage-1 Blip2ForPretraining"):
+        Blip2Trainer(
+            model=model,
+            args=_args(tmp_path),
+            train_dataset=_dataset(),
+            data_collator=Blip2CaptionCollator(processor, is_encoder_decoder=False),
+        )
+    with pytest.raises(ValueError, match="Blip2ImageTextCollator builds stage-1 batches"):
+        Blip2Trainer(model=stage2_model, args=_args(tmp_path), train_dataset=_dataset(), data_collator=collator)

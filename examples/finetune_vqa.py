@@ -112,16 +112,6 @@ def load_split(args: VqaArguments, split: str) -> datasets.Dataset:
     return dataset
 
 
-def answer_end_token(model: Blip2ForConditionalGeneration) -> int | None:
-    """The token generation stops at (official OPT checkpoints: "\\n"), which ends every training answer."""
-    for candidate in (model.generation_config.eos_token_id, model.config.text_config.eos_token_id):
-        if isinstance(candidate, (list, tuple)):
-            candidate = candidate[0] if candidate else None
-        if candidate is not None:
-            return int(candidate)
-    return None
-
-
 def evaluate_vqa(
     model: Blip2ForConditionalGeneration,
     processor: Any,
@@ -173,7 +163,6 @@ def main(argv: list[str] | None = None) -> tuple[Blip2Trainer, dict[str, float]]
     collator = Blip2VqaCollator(
         processor,
         is_encoder_decoder=not model.config.use_decoder_only_language_model,
-        eos_token_id=answer_end_token(model),
         prompt=prompt,
         use_qformer_text=use_qformer_text,
         image_column=args.image_column,

@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> Blip2Trainer:
     collator = Blip2CaptionCollator(
         processor,
         is_encoder_decoder=model.config.is_encoder_decoder,
-        eos_token_id=model.config.text_config.eos_token_id,
         prompt=args.prompt,
         max_length=args.max_length,
         prefix_lm=model.config.is_encoder_decoder,

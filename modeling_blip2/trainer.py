@@ -135,6 +135,11 @@ class Blip2Trainer(Trainer):
             model.freeze_vision_encoder()
         if model is not None:
             _check_collator_fits_model(kwargs.get("data_collator"), model)
+            if args is not None and args.predict_with_generate and _is_stage1(model):
+                raise ValueError(
+                    "predict_with_generate evaluates a Blip2ForConditionalGeneration by generating text; a stage-1 "
+                    "Blip2ForPretraining evaluates its losses (eval_loss, eval_loss_itc/itm/itg): leave it False"
+                )
         super().__init__(model=model, args=args, **kwargs)
         self._loss_sums: dict[str, Any] = {}
         self._loss_counts: dict[str, int] = {}

@@ -427,3 +427,5 @@ def test_a_collator_of_the_other_stage_is_refused(parts, tmp_path) -> None:
         )
     with pytest.raises(ValueError, match="Blip2ImageTextCollator builds stage-1 batches"):
         Blip2Trainer(model=stage2_model, args=_args(tmp_path), train_dataset=_dataset(), data_collator=collator)
+    with pytest.raises(ValueError, match="a stage-1 Blip2ForPretraining evaluates its losses"):
+        Blip2Trainer(model=model, args=_args(tmp_path, predict_with_generate=True), data_collator=collator)

@@ -6,7 +6,8 @@ r"""Convert a Salesforce LAVIS BLIP-2 checkpoint (.pth, EVA ViT-g) into a checkp
 LAVIS's released checkpoints keep only the trained parameters: --frozen_weights_from <folder> (e.g. a download of
 the official Hugging Face checkpoint) supplies the frozen ViT and LLM tensors. `.pth` files are pickles: pass
 --allow_pickle only for a file you trust (it is then read with torch.load(weights_only=True)). The target layout is
-inferred from the keys unless --architecture is given.
+inferred from the keys unless --architecture is given. The output folder is written atomically: a failed conversion
+leaves an earlier one there as it was.
 """
 
 from __future__ import annotations

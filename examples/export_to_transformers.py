@@ -4,7 +4,9 @@ r"""Export a checkpoint folder of this package to the stock transformers `blip-2
         --output_dir exported/blip2-opt-2.7b
 
 The result loads with transformers' built-in `Blip2ForConditionalGeneration` (or `Blip2ForImageTextRetrieval` for
-stage-1 and retrieval checkpoints) without remote code, and with engines that read that layout. Checkpoints with a
+stage-1 and retrieval checkpoints) without remote code, and with engines that read that layout; a processor saved
+with the checkpoint is exported for the stock `Blip2Processor`. The output folder is written atomically: if anything
+fails (a corrupt source file, a full disk), an earlier export there is left as it was. Checkpoints with a
 post-encoder LayerNorm epsilon of their own (LAVIS: 1e-5) need --allow_post_layernorm_eps_change: the stock model
 uses the in-block epsilon there, which changes outputs slightly.
 """

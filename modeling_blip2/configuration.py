@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .checkpoint_io import check_local_checkpoint
+
 VISION_ARCHITECTURES = ("eva", "clip")
 # Width of EVA ViT-g, the encoder of every official checkpoint: the cross-attention width of a stand-alone Q-Former
 # whose config does not say otherwise (the stock default, which stock configs therefore never write out).
@@ -26,6 +28,16 @@ class _ReadsOfficialConfigs:
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
+        if not kwargs.get("gguf_file"):
+            # transformers reads a weights file as if it were JSON, and answers a local folder without config.json
+            # with a default config (from which a model class then builds a full-size model): say what is wrong.
+            check_local_checkpoint(
+                pretrained_model_name_or_path,
+                f"{cls.__name__}.from_pretrained",
+                (kwargs.get("_configuration_file") or "config.json",),
+                subfolder=kwargs.get("subfolder") or "",
+                allow_json_file=True,
+            )
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         return cls._normalise_official(config_dict), kwargs
 

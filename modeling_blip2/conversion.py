@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .checkpoint_io import atomic_save, check_local_checkpoint
 from .configuration import Blip2Config
 from .modeling import Blip2ForConditionalGeneration, Blip2QFormerModel, Blip2VisionModel
 from .qformer import Blip2TextEmbeddings
@@ -58,6 +59,10 @@ STOCK_ARCHITECTURES = {
     "Blip2ForImageTextRetrieval": ("Blip2ForImageTextRetrieval", "image_text_retrieval"),
     "Blip2ForPretraining": ("Blip2ForImageTextRetrieval", "image_text_retrieval"),
 }
+# Fields of our `processor_config.json` that the stock `Blip2Processor` does not have (it reads `<image>` from the
+# tokenizer) or that only make sense with this package's remote code.
+OWN_PROCESSOR_FIELDS = ("auto_map", "image_token", "processor_class")
+STOCK_IMAGE_TOKEN = "<image>"
 # Files of a checkpoint folder carried over by `export_to_transformers` (besides config and weights).
 PROCESSOR_FILE_PATTERNS = (
     "generation_config.json",
@@ -271,9 +276,11 @@ def convert_lavis_state_dict(
         frozen_state_dict: Where missing frozen-part tensors come from (see above).
 
     Raises:
-        ValueError: if the converted keys are not exactly those of the target architecture (listing the missing
+        ValueError: if the state dict is empty or holds something other than tensors under string keys (naming
+            them), if the converted keys are not exactly those of the target architecture (listing the missing
             and unexpected ones) or shapes differ (listing them).
     """
+    _check_lavis_state_dict(lavis_state_dict, "lavis_state_dict")
     architecture = _check_architecture(architecture or infer_lavis_architecture(lavis_state_dict))
     _check_lavis_config(lavis_state_dict, config, architecture)
     layout = _layout(config, architecture)
@@ -315,6 +322,27 @@ def convert_lavis_state_dict(
     _check_against(converted, expected, sources, "LAVIS checkpoint", architecture, missing_notes)
     ordered = {name: converted[name] for name in expected}
     return ConversionResult(state_dict=ordered, dropped_keys=dropped, architecture=architecture, filled_keys=filled)
+
+
+def _check_lavis_state_dict(state_dict: Any, what: str) -> None:
+    """Raises a `ValueError` unless `state_dict` is a non-empty mapping of string keys to tensors, naming the rest."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(
+            f"{what} must be a state dict (a mapping of names to tensors), got {type(state_dict).__name__}"
+        )
+    if not state_dict:
+        raise ValueError(f"{what} is an empty state dict: expected the tensors of a LAVIS BLIP-2 model")
+    wrong = [
+        f"{key!r}: {type(value).__name__}"
+        for key, value in state_dict.items()
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor)
+    ]
+    if wrong:
+        listed = "\n  ".join(wrong[:_MAX_LISTED])
+        more = f"\n  ... and {len(wrong) - _MAX_LISTED} more" if len(wrong) > _MAX_LISTED else ""
+        raise ValueError(
+            f"{what} must map string names to torch.Tensors; {len(wrong)} entries do not:\n  {listed}{more}"
+        )
 
 
 def _fill_frozen(
@@ -487,12 +515,16 @@ def load_lavis_state_dict(checkpoint_path: str | os.PathLike, allow_pickle: bool
             f"{checkpoint_path} holds objects other than tensors and plain containers, which weights_only loading "
             f"refuses: {error}. Extract its state dict with trusted code and save that (torch.save(state_dict))"
         ) from error
-    state_dict = loaded.get("model", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
-        found = sorted(loaded) if isinstance(loaded, dict) else type(loaded).__name__
+    if not isinstance(loaded, dict):
         raise ValueError(
-            f"{checkpoint_path} holds neither a state dict nor a dict with one under 'model' (found {found})"
+            f"{checkpoint_path} holds a {type(loaded).__name__}; expected a state dict, or a dict with one under "
+            "'model'"
         )
+    has_model = isinstance(loaded.get("model"), dict)
+    state_dict = loaded["model"] if has_model else loaded
+    _check_lavis_state_dict(
+        state_dict, f"the state dict in {checkpoint_path}" + (" (under 'model')" if has_model else "")
+    )
     return state_dict
 
 
@@ -508,8 +540,9 @@ def convert_lavis_checkpoint(
     """Converts a LAVIS `.pth` checkpoint into a checkpoint folder of this package.
 
     Writes `config.json` (the given config with `architectures` naming the target class) and `model.safetensors`
-    (sharded with an index above `max_shard_size`) into `output_dir`; see `convert_lavis_state_dict` for the
-    conversion itself and `load_lavis_state_dict` for why `allow_pickle=True` must be passed.
+    (sharded with an index above `max_shard_size`) into `output_dir`, atomically (`checkpoint_io.atomic_save`: an
+    earlier conversion there survives any failure); see `convert_lavis_state_dict` for the conversion itself and
+    `load_lavis_state_dict` for why `allow_pickle=True` must be passed.
 
     Args:
         checkpoint_path: The LAVIS `.pth` file.
@@ -525,11 +558,10 @@ def convert_lavis_checkpoint(
     config = copy.deepcopy(config) if isinstance(config, Blip2Config) else Blip2Config.from_pretrained(config)
     frozen = load_safetensors(frozen_weights_from) if frozen_weights_from is not None else None
     result = convert_lavis_state_dict(state_dict, config, architecture, frozen_state_dict=frozen)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     config.architectures = [ARCHITECTURES[result.architecture]]
-    config.save_pretrained(output_dir)
-    save_safetensors(result.state_dict, output_dir, max_shard_size=max_shard_size)
+    with atomic_save(output_dir) as staging:
+        config.save_pretrained(staging)
+        save_safetensors(result.state_dict, staging, max_shard_size=max_shard_size)
     return result
 
 
@@ -547,7 +579,13 @@ def export_to_transformers(
     `config.json` gets the stock model types (`blip-2`, `blip_2_vision_model`, `blip_2_qformer`) and loses the
     fields the stock config does not have (and `auto_map` / `custom_pipelines`); the weights are copied (the
     stage-1-only `temp` and `qformer_lm_head.*` are dropped and reported); generation, preprocessor and tokenizer
-    files are copied and `processor_config.json` names `Blip2Processor`. Python files are not copied.
+    files are copied. `processor_config.json` is the source's (its image processor settings) rewritten for the
+    stock `Blip2Processor` (or just its name and `num_query_tokens` when the source has none), so
+    `transformers.Blip2Processor.from_pretrained(output_dir)` loads it. Python files and the Q-Former tokenizer
+    are not copied.
+
+    The output is written atomically (`checkpoint_io.atomic_save`): a failure leaves an earlier export in
+    `output_dir` as it was, and files there that the export does not write are kept (stale weight files removed).
 
     Args:
         source_dir: Checkpoint folder written by this package (`config.json` with model_type `modeling_blip2`,
@@ -560,16 +598,22 @@ def export_to_transformers(
 
     Raises:
         ValueError: for what the stock layout cannot represent (a CLIP-style image encoder, images with other
-            than 3 channels, a post-LayerNorm epsilon of its own unless allowed) and for weights that do not match
-            the config exactly.
+            than 3 channels, a post-LayerNorm epsilon of its own unless allowed, an image token other than
+            `<image>`), for weights that do not match the config exactly, and for unreadable (truncated, corrupt)
+            config, index or weight files, naming the file.
+        FileNotFoundError / NotADirectoryError: when `source_dir` is not a checkpoint folder.
     """
     source_dir, output_dir = Path(source_dir), Path(output_dir)
+    if not source_dir.exists():
+        raise FileNotFoundError(f"export_to_transformers: source_dir {source_dir} does not exist")
+    check_local_checkpoint(source_dir, "export_to_transformers (source_dir)")
     if source_dir.resolve() == output_dir.resolve():
         raise ValueError("output_dir must differ from source_dir")
-    raw_config = json.loads((source_dir / "config.json").read_text())
-    if raw_config.get("model_type") != Blip2Config.model_type:
+    raw_config = _read_json(source_dir / "config.json")
+    model_type = raw_config.get("model_type") if isinstance(raw_config, dict) else None
+    if model_type != Blip2Config.model_type:
         raise ValueError(
-            f"{source_dir / 'config.json'} has model_type {raw_config.get('model_type')!r}; expected a checkpoint "
+            f"{source_dir / 'config.json'} has model_type {model_type!r}; expected a checkpoint "
             f"of this package ({Blip2Config.model_type!r})"
         )
     config = Blip2Config.from_pretrained(source_dir)
@@ -603,15 +647,62 @@ def export_to_transformers(
         layout,
     )
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(json.dumps(stock_config, indent=2, sort_keys=True) + "\n")
-    save_safetensors({name: weights[name] for name in expected if name in weights}, output_dir, max_shard_size)
-    for path in sorted(source_dir.iterdir()):
-        if path.is_file() and path.suffix != ".py" and any(path.match(pattern) for pattern in PROCESSOR_FILE_PATTERNS):
-            shutil.copyfile(path, output_dir / path.name)
-    processor_config = {"processor_class": "Blip2Processor", "num_query_tokens": config.num_query_tokens}
-    (output_dir / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
+    processor_config = stock_processor_config(source_dir, config.num_query_tokens)
+
+    with atomic_save(output_dir) as staging:
+        (staging / "config.json").write_text(json.dumps(stock_config, indent=2, sort_keys=True) + "\n")
+        save_safetensors({name: weights[name] for name in expected if name in weights}, staging, max_shard_size)
+        for path in sorted(source_dir.iterdir()):
+            if (
+                path.is_file()
+                and path.suffix != ".py"
+                and any(path.match(pattern) for pattern in PROCESSOR_FILE_PATTERNS)
+            ):
+                shutil.copyfile(path, staging / path.name)
+        _name_stock_processor(staging / "tokenizer_config.json")
+        (staging / "processor_config.json").write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n")
     return ExportResult(output_dir=output_dir, dropped_keys=dropped, architecture=stock_architecture)
+
+
+def stock_processor_config(source_dir: str | os.PathLike, num_query_tokens: int) -> dict[str, Any]:
+    """The `processor_config.json` of the stock `Blip2Processor` for a checkpoint folder of this package.
+
+    Our processor config holds the image processor settings under `image_processor` (transformers 5's layout), so it
+    is kept, less the fields the stock class does not know, with `processor_class: "Blip2Processor"`. Without one,
+    the stock processor reads `preprocessor_config.json`, and the config only names the class and the query count.
+    """
+    path = Path(source_dir) / "processor_config.json"
+    ours = _read_json(path) if path.is_file() else {}
+    image_token = ours.get("image_token", STOCK_IMAGE_TOKEN)
+    if image_token != STOCK_IMAGE_TOKEN:
+        raise ValueError(
+            f"{path} uses the image token {image_token!r}; the stock Blip2Processor inserts {STOCK_IMAGE_TOKEN!r}, "
+            "so the exported prompts would not hold the model's image token"
+        )
+    given = ours.get("num_query_tokens", num_query_tokens)
+    if given != num_query_tokens:
+        raise ValueError(
+            f"{path} has num_query_tokens={given} but the model's config.json num_query_tokens={num_query_tokens}: "
+            "the processor would insert the wrong number of image tokens; save the matching processor first"
+        )
+    stock = {key: value for key, value in ours.items() if key not in OWN_PROCESSOR_FIELDS}
+    return {**stock, "processor_class": "Blip2Processor", "num_query_tokens": num_query_tokens}
+
+
+def _name_stock_processor(tokenizer_config: Path) -> None:
+    """Points a copied `tokenizer_config.json`'s `processor_class` (AutoProcessor's fallback) at the stock class."""
+    if tokenizer_config.is_file():
+        content = _read_json(tokenizer_config)
+        if "processor_class" in content:
+            content["processor_class"] = "Blip2Processor"
+            tokenizer_config.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a valid JSON file (truncated or corrupt?): {error}") from error
 
 
 def stock_config_dict(config: Blip2Config, allow_post_layernorm_eps_change: bool = False) -> dict[str, Any]:
@@ -654,18 +745,32 @@ def stock_config_dict(config: Blip2Config, allow_post_layernorm_eps_change: bool
 def load_safetensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a folder's `model.safetensors`, or of the shards its `model.safetensors.index.json` lists."""
     folder = Path(folder)
+    check_local_checkpoint(folder, "load_safetensors", ())
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        content = _read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map (name -> shard file): the index is corrupt")
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are not in {folder}: {', '.join(missing)}")
     elif (folder / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
     else:
         raise FileNotFoundError(f"{folder} holds neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")
     state_dict = {}
     for name in files:
-        with safe_open(folder / name, framework="pt") as weights:
-            for key in weights.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                state_dict[key] = weights.get_tensor(key)
+        try:
+            with safe_open(folder / name, framework="pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                    state_dict[key] = weights.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise ValueError(
+                f"{folder / name} is not a readable safetensors file (truncated or corrupt?): {error}; "
+                "save or download it again"
+            ) from error
     return state_dict
 
 

@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import boolean_to_additive_mask, padding_to_additive_mask
+from .checkpoint_io import atomic_save, check_local_checkpoint, pop_hub_kwargs, push_files, relative_files
 from .configuration import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 from .model_card import DEFAULT_LICENSE, build_model_card, require_hub_token
 from .qformer import (
@@ -64,7 +65,13 @@ CUSTOM_PIPELINES = {
         ("visual-question-answering", "Blip2VisualQuestionAnsweringPipeline"),
     )
 }
-PIPELINE_CODE_FILES = ("pipelines.py", "processing.py", "model_card.py", "configuration.py")  # + what they import
+PIPELINE_CODE_FILES = (  # pipelines.py + what it imports
+    "pipelines.py",
+    "processing.py",
+    "model_card.py",
+    "configuration.py",
+    "checkpoint_io.py",
+)
 
 
 @dataclass
@@ -221,8 +228,16 @@ class Blip2PreTrainedModel(PreTrainedModel):
 
         Pickle checkpoints (`pytorch_model.bin`) can run code when loaded, so they are refused unless the caller
         opts in. Corrupt or truncated safetensors files, and configs of another model type, raise a `ValueError`
-        that says so.
+        that says so. A file given instead of a folder (e.g. `.../model.safetensors`) raises `NotADirectoryError`, and
+        a local folder without `config.json` (unless `config=` is given) `FileNotFoundError`, before anything is built.
         """
+        needs_config = kwargs.get("config") is None and kwargs.get("gguf_file") is None
+        check_local_checkpoint(
+            pretrained_model_name_or_path,
+            f"{cls.__name__}.from_pretrained",
+            ("config.json",) if needs_config else (),
+            subfolder=kwargs.get("subfolder") or "",
+        )
         if not allow_pickle:
             if kwargs.get("use_safetensors") is False:
                 raise ValueError(
@@ -278,7 +293,9 @@ class Blip2PreTrainedModel(PreTrainedModel):
 
         The card (README.md) carries the Hub metadata (license, library, pipeline tag, tags, base models, datasets,
         evaluation results) and a usage snippet; see `model_card.build_model_card` for the arguments. Push the
-        processor with `processor.push_to_hub(repo_id)` to the same repo.
+        processor with `processor.push_to_hub(repo_id)` to the same repo. The push is one commit, which also deletes
+        the weight files of an earlier push that this one no longer has (e.g. `model.safetensors` when the weights
+        are now sharded), so the repo never serves old weights beside the new ones.
         """
         token = require_hub_token(token)
         repo_id = HfApi().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
@@ -297,15 +314,60 @@ class Blip2PreTrainedModel(PreTrainedModel):
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size)
             card.save(os.path.join(folder, "README.md"))
-            return self._upload_modified_files(
+            return push_files(
                 folder,
                 repo_id,
-                files_timestamps={},
-                commit_message=commit_message or "Upload BLIP-2 model",
                 token=token,
+                commit_message=commit_message or "Upload BLIP-2 model",
                 create_pr=create_pr,
                 revision=revision,
             )
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """`PreTrainedModel.save_pretrained`, written atomically (see `checkpoint_io.atomic_save`).
+
+        Everything is written into a staging folder beside `save_directory` and moved in only once complete: a
+        failure (an exception, a full disk) leaves an existing checkpoint there as it was. Files of the folder that
+        this save does not write (a processor's, a trainer's) are kept; weight files it supersedes (the old
+        `model.safetensors` when the weights are now sharded, old shards, `pytorch_model*.bin`) are removed.
+        With `push_to_hub=True` the files written are then pushed with a generated model card in one commit that
+        deletes the repo's superseded weight files (`repo_id` defaults to the folder's name, as in transformers).
+        Ranks other than the main one, and distributed (DCP) checkpoints, which every rank writes together, are
+        written by transformers directly.
+        """
+        if not is_main_process or kwargs.get("distributed_checkpoint"):
+            return super().save_pretrained(
+                save_directory, is_main_process, state_dict=state_dict, push_to_hub=push_to_hub, **kwargs
+            )
+        hub_kwargs = pop_hub_kwargs(kwargs)
+        if push_to_hub:
+            # Before anything is written: a push that cannot happen should not leave a half-done job behind.
+            hub_kwargs["token"] = require_hub_token(hub_kwargs.get("token"))
+        with atomic_save(save_directory) as staging:
+            self._write_files_saved_with_the_model(staging)
+            super().save_pretrained(staging, state_dict=state_dict, **kwargs)
+            written = relative_files(staging)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", None) or Path(os.path.abspath(save_directory)).name
+            card = build_model_card(self.config, type(self).__name__, repo_id)
+            push_files(
+                save_directory,
+                repo_id,
+                written,
+                extra_files={"README.md": str(card).encode()},
+                commit_message=hub_kwargs.pop("commit_message", None) or "Upload BLIP-2 model",
+                **hub_kwargs,
+            )
+
+    def _write_files_saved_with_the_model(self, folder: Path) -> None:
+        """Hook of `save_pretrained`: extra files a model class writes into its checkpoint folder."""
 
     # -- the Q-Former over queries and text (models that own query_tokens, embeddings and qformer) ---------------
     def query_outputs(
@@ -1195,17 +1257,15 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
     # whether decoding compiles is then the LLM's own `_can_compile_fullgraph`.
     _can_compile_fullgraph = True
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-        """`PreTrainedModel.save_pretrained`, plus the pipeline code and `custom_pipelines` entries (see
-        `CUSTOM_PIPELINES`), written first so that `push_to_hub=True` uploads them too."""
-        os.makedirs(save_directory, exist_ok=True)
+    def _write_files_saved_with_the_model(self, folder: Path) -> None:
+        """The pipeline code and `custom_pipelines` entries (see `CUSTOM_PIPELINES`) go with every checkpoint, so
+        `pipeline(task, model=folder, trust_remote_code=True)` runs ours (and `push_to_hub=True` uploads them)."""
         package_folder = Path(__file__).resolve().parent
         for name in PIPELINE_CODE_FILES:
             # A model loaded as remote code may run from a folder without these files; then there is nothing to copy.
             if (package_folder / name).is_file():
-                shutil.copyfile(package_folder / name, Path(save_directory) / name)
+                shutil.copyfile(package_folder / name, folder / name)
         self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def generate(

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import AutoTokenizer, BatchFeature, BlipImageProcessorPil, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 
+from .checkpoint_io import atomic_save, check_local_checkpoint, pop_hub_kwargs, push_files, relative_files
 from .model_card import require_hub_token
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -387,19 +388,50 @@ class Blip2ImageTextProcessor(ProcessorMixin):
         """Uploads the processor files (tokenizers, image processor config) to `repo_id`."""
         return super().push_to_hub(repo_id, token=require_hub_token(token), **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> Any:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any
+    ) -> list[str]:
+        """Saves the tokenizer(s) and image processor config, atomically (see `checkpoint_io.atomic_save`).
+
+        The files are written into a staging folder and moved into `save_directory` only once all are written: a
+        failure leaves the folder as it was, and the files of a model saved there are kept. With `push_to_hub=True`
+        the files written are then uploaded in one commit (`repo_id` defaults to the folder's name).
+        """
+        hub_kwargs = pop_hub_kwargs(kwargs)
         if push_to_hub:
-            # The Hub upload is the generic one of ProcessorMixin, which calls back here to write the files.
-            return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
-        saved = super().save_pretrained(save_directory, **kwargs)
-        if self.qformer_tokenizer is not None:
-            self.qformer_tokenizer.save_pretrained(os.path.join(save_directory, QFORMER_TOKENIZER_FOLDER))
+            hub_kwargs["token"] = require_hub_token(hub_kwargs.get("token"))
+        with atomic_save(save_directory) as staging:
+            saved = super().save_pretrained(str(staging), **kwargs)
+            if self.qformer_tokenizer is not None:
+                self.qformer_tokenizer.save_pretrained(staging / QFORMER_TOKENIZER_FOLDER)
+            written = relative_files(staging)
+        saved = [os.path.join(save_directory, os.path.relpath(path, staging)) for path in saved]
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+            push_files(
+                save_directory,
+                repo_id,
+                written,
+                commit_message=hub_kwargs.pop("commit_message", None) or "Upload processor",
+                **hub_kwargs,
+            )
         return saved
 
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
     ) -> Blip2ImageTextProcessor:
+        """`ProcessorMixin.from_pretrained`, plus the Q-Former tokenizer of a `qformer_tokenizer/` subfolder.
+
+        A file given instead of a folder raises `NotADirectoryError`, a local folder holding neither
+        `processor_config.json` nor `preprocessor_config.json` `FileNotFoundError`, both naming the path.
+        """
+        check_local_checkpoint(
+            pretrained_model_name_or_path,
+            f"{cls.__name__}.from_pretrained",
+            ("processor_config.json", "preprocessor_config.json"),
+            subfolder=kwargs.get("subfolder") or "",
+        )
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         qformer_folder = os.path.join(str(pretrained_model_name_or_path), QFORMER_TOKENIZER_FOLDER)
         if os.path.isdir(qformer_folder):

@@ -464,3 +464,105 @@ def test_examples_convert_a_stage1_checkpoint_and_export_it(tmp_path) -> None:
     _assert_clean_load(info)
     stock_state = stock.state_dict()
     assert all(torch.equal(stock_state[name], ours[name]) for name in stock_state)
+
+
+# -- bad inputs and the stock processor (issue 11) ------------------------------------------------------------------
+def test_lavis_state_dict_with_a_non_tensor_value_or_nothing_is_named(tmp_path) -> None:
+    lavis, config = _lavis_opt()
+    lavis["temp"] = 0.07
+    lavis["Qformer.bert.embeddings.position_ids"] = [0, 1, 2]
+    named = r"2 entries do not:\n  'Qformer\.bert\.embeddings\.position_ids': list\n  'temp': float"
+    with pytest.raises(ValueError, match=named):
+        convert_lavis_state_dict(lavis, config)
+    with pytest.raises(ValueError, match="lavis_state_dict is an empty state dict"):
+        convert_lavis_state_dict({}, config)
+
+    convert = _load_example("convert_lavis")
+    config.save_pretrained(tmp_path / "config")
+    for name, content in (("non-tensor", {"model": {"temp": 0.07}}), ("empty", {"model": {}, "epoch": 3})):
+        checkpoint = tmp_path / f"{name}.pth"
+        torch.save(content, checkpoint)
+        args = ["--checkpoint", str(checkpoint), "--config", str(tmp_path / "config"), "--allow_pickle"]
+        expected = f"the state dict in {re.escape(str(checkpoint))} \\(under 'model'\\) " + (
+            r"must map string names to torch\.Tensors; 1 entries do not:\n  'temp': float"
+            if name == "non-tensor"
+            else "is an empty state dict"
+        )
+        with pytest.raises(ValueError, match=expected):
+            convert.main([*args, "--output_dir", str(tmp_path / name)])
+        assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "truncated shard", "missing shard", "corrupt config"])
+def test_export_of_a_damaged_checkpoint_names_the_file_and_writes_nothing(tmp_path, damage: str) -> None:
+    source, target = tmp_path / "ours", tmp_path / "stock"
+    _random_model("opt").save_pretrained(source, **({"max_shard_size": "40KB"} if "shard" in damage else {}))
+    shards = sorted(source.glob("model-*.safetensors"))
+    broken = {
+        "truncated": source / "model.safetensors",
+        "truncated shard": shards[-1] if shards else None,
+        "missing shard": shards[0] if shards else None,
+        "corrupt config": source / "config.json",
+    }[damage]
+    data = broken.read_bytes()
+    if damage == "missing shard":
+        broken.unlink()
+        expected = f"model.safetensors.index.json lists shards that are not in {source}: {broken.name}"
+    elif damage == "corrupt config":
+        broken.write_bytes(data[: len(data) // 2])
+        expected = f"{broken} is not a valid JSON file"
+    else:
+        broken.write_bytes(data[: len(data) // 2])
+        expected = f"{broken} is not a readable safetensors file (truncated or corrupt?)"
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(expected)):
+        export_to_transformers(source, target)
+    assert not target.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ours"]
+
+
+def test_export_source_that_is_not_a_checkpoint_folder_is_named(tmp_path) -> None:
+    model = _random_model("opt")
+    model.save_pretrained(tmp_path / "ours")
+    with pytest.raises(NotADirectoryError, match="got the file .*model.safetensors \\(a weights file\\)"):
+        export_to_transformers(tmp_path / "ours" / "model.safetensors", tmp_path / "stock")
+    (tmp_path / "ours" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(tmp_path / 'ours'))} has no config.json"):
+        export_to_transformers(tmp_path / "ours", tmp_path / "stock")
+    with pytest.raises(FileNotFoundError, match="source_dir .*missing does not exist"):
+        export_to_transformers(tmp_path / "missing", tmp_path / "stock")
+
+
+def test_export_loads_with_the_stock_processor_and_model(tmp_path) -> None:
+    """A checkpoint saved with its processor exports to a folder that the stock `Blip2Processor` and
+    `Blip2ForConditionalGeneration` both load, and the stock processor prepares inputs exactly as ours did."""
+    from PIL import Image
+    from tiny import tiny_checkpoint_parts
+
+    _, processor = tiny_checkpoint_parts()
+    config = modeling_blip2.Blip2Config.from_pretrained(ROOT / "hub_configs" / "tiny-random")
+    config.qformer_config.use_qformer_text_input = False  # the stock generation class has no Q-Former text side
+    config.vision_config.post_layernorm_eps = config.vision_config.layer_norm_eps
+    model = randomise_(modeling_blip2.Blip2ForConditionalGeneration(config)).eval()
+    model.save_pretrained(tmp_path / "ours")
+    processor.save_pretrained(tmp_path / "ours")
+
+    export = _load_example("export_to_transformers")
+    export.main(["--source_dir", str(tmp_path / "ours"), "--output_dir", str(tmp_path / "stock")])
+
+    stock_processor = transformers.Blip2Processor.from_pretrained(tmp_path / "stock")
+    auto_processor = transformers.AutoProcessor.from_pretrained(tmp_path / "stock")
+    assert type(auto_processor) is transformers.Blip2Processor
+    stock_model, info = transformers.Blip2ForConditionalGeneration.from_pretrained(
+        tmp_path / "stock", output_loading_info=True
+    )
+    _assert_clean_load(info)
+    assert stock_processor.num_query_tokens == processor.num_query_tokens
+    image = Image.new("RGB", (40, 30), (200, 40, 90))
+    ours = processor(images=image, text="a photo of")
+    stock = stock_processor(images=image, text="a photo of", return_tensors="pt")
+    assert torch.equal(stock["input_ids"], ours["input_ids"])
+    assert torch.equal(stock["pixel_values"], ours["pixel_values"])
+    with torch.no_grad():
+        expected = model(**ours).logits
+        actual = stock_model.eval()(**{key: stock[key] for key in ("input_ids", "attention_mask", "pixel_values")})
+    assert torch.allclose(actual.logits, expected, atol=ATOL)

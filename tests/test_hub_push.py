@@ -142,6 +142,49 @@ with open(f"{out}/pull.json", "w") as file:
 )
 
 
+# argv: repo_a, repo_b, out_folder, tiny_folder, tests_folder. Two versions pushed to each repo with other weights and
+# the other weight layout: repo_a by push_to_hub (one file, then shards), repo_b by save_pretrained(push_to_hub=True)
+# (shards, then one file); after each second push the repo is loaded back.
+REPUSH = (
+    _BUILD
+    + """
+from huggingface_hub import HfApi
+
+repo_a, repo_b, out, tiny_folder, tests_folder = sys.argv[1:6]
+model, processor = build(tiny_folder, tests_folder)
+from tiny import randomise_  # build put the tests folder on sys.path
+
+report = {}
+
+
+def pull(repo_id, name):
+    loaded = Blip2ForConditionalGeneration.from_pretrained(repo_id)
+    save_state_dict(loaded, f"{out}/{name}-loaded.safetensors")
+    report[f"{name}_files"] = sorted(HfApi().list_repo_files(repo_id))
+
+
+randomise_(model, seed=1)
+model.push_to_hub(repo_a)
+processor.push_to_hub(repo_a)
+randomise_(model, seed=2)
+model.push_to_hub(repo_a, max_shard_size="100KB")
+save_state_dict(model, f"{out}/a-expected.safetensors")
+pull(repo_a, "a")
+
+local = f"{out}/local-b"
+randomise_(model, seed=3)
+model.save_pretrained(local, push_to_hub=True, repo_id=repo_b, max_shard_size="100KB")
+randomise_(model, seed=4)
+model.save_pretrained(local, push_to_hub=True, repo_id=repo_b)
+save_state_dict(model, f"{out}/b-expected.safetensors")
+pull(repo_b, "b")
+report["b_local_files"] = sorted(os.listdir(local))
+with open(f"{out}/repush.json", "w") as file:
+    json.dump(report, file)
+"""
+).replace("import json\n", "import json\nimport os\n", 1)
+
+
 @dataclass
 class Pushed:
     hub: FakeHub
@@ -341,6 +384,44 @@ def test_readme_usage_snippet_runs_against_the_hub(pulled: Pulled) -> None:
     assert pulled.snippet_returncode == 0, pulled.snippet_stderr[-6000:]
     caption = pulled.snippet_stdout.strip().splitlines()[-1]
     assert caption.startswith("a photo of")
+
+
+# -- pushing a new version over an old one (issue 11 item 8) --------------------------------------------------------
+def test_a_second_push_replaces_the_weights_in_either_layout(hub: FakeHub, tmp_path) -> None:
+    repo_a, repo_b = f"{FAKE_USER}/repushed-sharded", f"{FAKE_USER}/repushed-unsharded"
+    result = start_client(
+        REPUSH,
+        client_env(hub, tmp_path / "hf-home"),
+        repo_a,
+        repo_b,
+        str(tmp_path),
+        str(TINY),
+        str(TESTS),
+        cwd=tmp_path,
+        log_dir=tmp_path / "log",
+    ).wait()
+    _check(result, "pushing twice")
+    report = json.loads((tmp_path / "repush.json").read_text())
+
+    # Unsharded, then sharded: the old model.safetensors is gone (transformers would load it before the index).
+    files = report["a_files"]
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    assert len([name for name in files if SHARD.fullmatch(name)]) >= 2
+    assert {"processor_config.json", "tokenizer.json", "README.md"} <= set(files), "the processor's files must stay"
+    # Sharded, then unsharded (through save_pretrained(push_to_hub=True)): no shard or index is left, on the Hub or in
+    # the local folder.
+    for files in (report["b_files"], report["b_local_files"]):
+        assert "model.safetensors" in files
+        assert not [name for name in files if SHARD.fullmatch(name) or name == "model.safetensors.index.json"]
+    assert "README.md" in report["b_files"]
+    for name in ("a", "b"):
+        expected = load_file(tmp_path / f"{name}-expected.safetensors")
+        loaded = load_file(tmp_path / f"{name}-loaded.safetensors")
+        assert [key for key in expected if not torch.equal(loaded[key], expected[key])] == [], name
+    # Each push is one commit: additions and deletions together.
+    messages = hub.commit_messages(repo_a)
+    assert messages == ["initial commit", "Upload BLIP-2 model", "Upload processor", "Upload BLIP-2 model"]
+    assert hub.unhandled == []
 
 
 # -- no token --------------------------------------------------------------------------------------------------------

@@ -9,7 +9,13 @@ import torch
 from PIL import Image
 from tiny import tiny_checkpoint_parts
 
-from modeling_blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2ImageTextProcessor, blip2_image_processor
+from modeling_blip2 import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2ImageTextProcessor,
+    Blip2VisionConfig,
+    blip2_image_processor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +70,49 @@ def test_processor_with_another_query_count_fails_with_the_counts(saved) -> None
     inputs = mismatched(images=Image.new("RGB", (5, 5)), text="a cat")
     with pytest.raises(ValueError, match="has 6 image tokens .* num_query_tokens=4"):
         model.generate(**inputs, max_new_tokens=2)
+
+
+# -- paths that are not checkpoint folders (issue 11, bad-input list) -----------------------------------------------
+@pytest.mark.parametrize("name", ["model.safetensors", "model.safetensors.index.json"])
+def test_a_weights_file_instead_of_the_folder_is_named(saved, tmp_path, name: str) -> None:
+    folder, model = saved
+    if name == "model.safetensors":
+        weights = folder / name
+    else:
+        model.save_pretrained(tmp_path, max_shard_size="40KB")
+        weights = tmp_path / name
+    loaders = {
+        "Blip2ForConditionalGeneration": Blip2ForConditionalGeneration.from_pretrained,
+        "Blip2Config": Blip2Config.from_pretrained,
+        "Blip2VisionConfig": Blip2VisionConfig.from_pretrained,
+        "Blip2ImageTextProcessor": Blip2ImageTextProcessor.from_pretrained,
+    }
+    for caller, load in loaders.items():
+        with pytest.raises(NotADirectoryError) as error:
+            load(weights)
+        message = str(error.value)
+        assert f"{caller}.from_pretrained expects a checkpoint folder" in message
+        assert f"got the file {weights} (a weights file): pass its folder {weights.parent}" in message
+
+
+def test_a_folder_without_config_json_is_refused_before_a_model_is_built(saved, tmp_path, monkeypatch) -> None:
+    folder, _ = saved
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("a model was built from a default config (5 GB for the default BLIP-2)")
+
+    monkeypatch.setattr(Blip2ForConditionalGeneration, "__init__", no_building)
+    expected = f"{tmp_path} has no config.json, so it is not a checkpoint folder .* holds model.safetensors"
+    with pytest.raises(FileNotFoundError, match=expected):
+        Blip2ForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=expected):
+        Blip2Config.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no processor_config.json or preprocessor_config.json"):
+        Blip2ImageTextProcessor.from_pretrained(tmp_path)
+    monkeypatch.undo()
+    # A config passed in needs no config.json; nor does a config read from its own JSON file. (transformers itself
+    # then needs generation_config.json for a generative model.)
+    config = Blip2Config.from_pretrained(folder / "config.json")
+    (tmp_path / "generation_config.json").write_bytes((folder / "generation_config.json").read_bytes())
+    assert Blip2ForConditionalGeneration.from_pretrained(tmp_path, config=config).config.num_query_tokens == 4

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from PIL import Image
 from tiny import config_dict, randomise_, tiny_checkpoint_parts, tiny_t5_like_tokenizer
 

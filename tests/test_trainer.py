@@ -354,7 +354,7 @@ def _textured(repeats: int) -> list[dict]:
 
 def test_resuming_with_augmentation_ends_with_the_same_weights(parts, tmp_path) -> None:
     """Augmentation draws are a function of (seed, epoch, example): a resumed run augments as the straight one did
-    (its collator's own generator is in no checkpoint). 12 examples at batch 8: epochs of 2 steps, stopped mid-epoch."""
+    (its collator's own generator is in no checkpoint). 12 examples at batch 8: 2-step epochs, stopped mid-epoch."""
     model, collator, tokenizer = parts
     total, stop = 6, 3
     augmenting = Blip2ImageTextCollator(collator.image_processor, tokenizer, max_length=8, augment=True, seed=5)

@@ -245,6 +245,7 @@ class Blip2Config(_ReadsOfficialConfigs, PreTrainedConfig):
             )
         if self.num_query_tokens < 1:
             raise ValueError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
+        check_image_token_index(self.image_token_index, getattr(self.text_config, "vocab_size", None))
         self.is_encoder_decoder = bool(self.text_config.is_encoder_decoder)
 
     @property
@@ -257,6 +258,24 @@ class Blip2Config(_ReadsOfficialConfigs, PreTrainedConfig):
         # Written for tools that read the stock layout (e.g. serving engines).
         output["use_decoder_only_language_model"] = self.use_decoder_only_language_model
         return output
+
+
+def check_image_token_index(image_token_index: int | None, vocab_size: int | None) -> None:
+    """Raises a `ValueError` unless `image_token_index` is None or an id of the LLM's `vocab_size`-token vocabulary.
+
+    An id outside it would only fail later, as an index error deep in the LLM's embedding lookup.
+    """
+    if image_token_index is None or vocab_size is None:
+        return
+    if not isinstance(image_token_index, int) or isinstance(image_token_index, bool):
+        raise ValueError(f"image_token_index must be an int token id or None, got {image_token_index!r}")
+    if not 0 <= image_token_index < vocab_size:
+        raise ValueError(
+            f"image_token_index ({image_token_index}) is outside the LLM vocabulary of {vocab_size} tokens "
+            f"(text_config.vocab_size; ids 0..{vocab_size - 1}): add the <image> token to the tokenizer and resize "
+            "the LLM's embeddings (language_model.resize_token_embeddings(len(tokenizer))) before building the "
+            "config, or set image_token_index to the tokenizer's <image> id"
+        )
 
 
 def _without_model_type(sub_config: Any, config_class: type[PreTrainedConfig]) -> Any:

@@ -36,7 +36,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import boolean_to_additive_mask, padding_to_additive_mask
 from .checkpoint_io import atomic_save, check_local_checkpoint, pop_hub_kwargs, push_files, relative_files
-from .configuration import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from .configuration import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, check_image_token_index
 from .model_card import DEFAULT_LICENSE, build_model_card, require_hub_token
 from .qformer import (
     ATTENTION_TYPES,
@@ -46,7 +46,14 @@ from .qformer import (
     Blip2TextEmbeddings,
     build_qformer_attention_mask,
 )
-from .vision import Blip2VisionAttention, Blip2VisionEmbeddings, Blip2VisionEncoder, Blip2VisionEncoderLayer
+from .vision import (
+    Blip2VisionAttention,
+    Blip2VisionEmbeddings,
+    Blip2VisionEncoder,
+    Blip2VisionEncoderLayer,
+    check_frozen_image_features,
+    check_pixel_values,
+)
 
 IGNORE_INDEX = -100
 # Modules trained in fp32 while the frozen encoder and LLM run in fp16/bf16 (the paper's precision recipe).
@@ -65,6 +72,11 @@ CUSTOM_PIPELINES = {
         ("visual-question-answering", "Blip2VisualQuestionAnsweringPipeline"),
     )
 }
+# bitsandbytes 0.50, measured on CPU: eval-mode 4-bit inference on CPUs with AVX512-BF16 repacks each weight in blocks
+# of 64 input features and tiles of 32 output features, and fails (at the first forward) on any other width; other
+# CPUs and training-mode forwards run any width. `adapters.check_4bit_widths` applies the same rule.
+FOUR_BIT_CPU_IN_MULTIPLE = 64
+FOUR_BIT_CPU_OUT_MULTIPLE = 32
 PIPELINE_CODE_FILES = (  # pipelines.py + what it imports
     "pipelines.py",
     "processing.py",
@@ -254,6 +266,8 @@ class Blip2PreTrainedModel(PreTrainedModel):
             quantization_config = copy.deepcopy(quantization_config)
             quantization_config.llm_int8_skip_modules = list(dict.fromkeys(skip))
             kwargs["quantization_config"] = quantization_config
+            if getattr(quantization_config, "load_in_4bit", False) and _runs_on_cpu(kwargs.get("device_map")):
+                cls._check_4bit_widths(pretrained_model_name_or_path, quantization_config, kwargs)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except SafetensorError as error:
@@ -269,6 +283,43 @@ class Blip2PreTrainedModel(PreTrainedModel):
                 "(pytorch_model.bin), loading them can run arbitrary code: pass allow_pickle=True only for a "
                 "source you trust, or convert the checkpoint to safetensors"
             ) from error
+
+    @classmethod
+    def _check_4bit_widths(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, quantization_config: Any, kwargs: dict
+    ) -> None:
+        """Refuses, before any weight is read, a 4-bit load whose quantized layers bitsandbytes cannot run on CPU.
+
+        The layers are those transformers' bitsandbytes quantizer converts (every `nn.Linear` outside
+        `llm_int8_skip_modules` and `_keep_in_fp32_modules`), read from the model built on the meta device.
+        """
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        config = kwargs.get("config")
+        if not isinstance(config, cls.config_class):
+            hub_kwargs = {
+                key: kwargs[key]
+                for key in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+                if key in kwargs
+            }
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        with torch.device("meta"):
+            skeleton = cls(config)
+        patterns = [*(quantization_config.llm_int8_skip_modules or []), *(skeleton._keep_in_fp32_modules or [])]
+        bad = [
+            f"{name} ({module.in_features} -> {module.out_features})"
+            for name, module in skeleton.named_modules()
+            if type(module) is nn.Linear
+            and should_convert_module(name, patterns)
+            and (module.in_features % FOUR_BIT_CPU_IN_MULTIPLE or module.out_features % FOUR_BIT_CPU_OUT_MULTIPLE)
+        ]
+        if bad:
+            raise ValueError(
+                f"load_in_4bit cannot run {len(bad)} layer(s) on the CPU: bitsandbytes' 4-bit CPU inference needs "
+                f"in_features a multiple of {FOUR_BIT_CPU_IN_MULTIPLE} and out_features a multiple of "
+                f"{FOUR_BIT_CPU_OUT_MULTIPLE}. Offending: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. "
+                "Load in 8-bit (load_in_8bit=True), add these modules to llm_int8_skip_modules, or load on a GPU"
+            )
 
     # -- Hub ------------------------------------------------------------------------------------------------------
     def push_to_hub(
@@ -545,17 +596,7 @@ class Blip2VisionModel(Blip2PreTrainedModel):
         )
 
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> None:
-        if pixel_values is None:
-            raise ValueError("pixel_values are required: a (batch, channels, height, width) float tensor")
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-            raise ValueError(f"pixel_values must be a 4-d tensor (batch, channels, height, width), got {shape}")
-        if pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values must have {self.config.num_channels} channels, got shape {tuple(pixel_values.shape)}"
-            )
-        if pixel_values.shape[0] == 0:
-            raise ValueError("pixel_values holds no image (batch size 0)")
+        check_pixel_values(pixel_values, self.config.num_channels)
 
 
 class Blip2QFormerModel(Blip2PreTrainedModel):
@@ -736,6 +777,8 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         self.post_init()
         if self.has_qformer_text_input:
             self._keep_in_fp32_modules_strict.add(QFORMER_TEXT_EMBEDDINGS_PATTERN)
+        # Blip2Config checks this too; a config edited after construction is caught here.
+        check_image_token_index(config.image_token_index, _vocabulary_size(self.get_input_embeddings()))
 
     @property
     def has_qformer_text_input(self) -> bool:
@@ -817,14 +860,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         if frozen_image_features is not None:
             if pixel_values is not None or image_embeds is not None:
                 raise ValueError("pass one of pixel_values, image_embeds and frozen_image_features")
-            if (
-                frozen_image_features.dim() != 3
-                or frozen_image_features.shape[-1] != self.config.vision_config.hidden_size
-            ):
-                raise ValueError(
-                    "frozen_image_features must be (batch, tokens, vision hidden size "
-                    f"{self.config.vision_config.hidden_size}), got {tuple(frozen_image_features.shape)}"
-                )
+            check_frozen_image_features(frozen_image_features, self.config.vision_config.hidden_size)
             image_embeds = self.vision_model.apply_post_layernorm(frozen_image_features)
         if pixel_values is None and image_embeds is None:
             raise ValueError(
@@ -1069,6 +1105,8 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         name = "input_ids" if input_ids is not None else "inputs_embeds"
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        if input_ids is not None:
+            self._check_token_ids(input_ids)
         if reference.shape[0] != batch:
             raise ValueError(
                 f"got {batch} images but {reference.shape[0]} texts: pixel_values and {name} need one batch size"
@@ -1086,6 +1124,21 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         return self._place_image_tokens(
             input_ids, attention_mask, labels if self._labels_follow_prompt() else None, inputs_embeds
         )
+
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """Ids outside the LLM vocabulary would fail deep in its embedding lookup (on CUDA as a device-side assert
+        that ends the process): name them here. One min/max per call; skipped under torch.compile."""
+        vocab_size = _vocabulary_size(self.get_input_embeddings())
+        if vocab_size is None or torch.compiler.is_compiling() or input_ids.numel() == 0:
+            return
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            row = int(torch.nonzero((input_ids == bad).any(dim=1))[0])
+            raise ValueError(
+                f"input_ids must be ids of the LLM vocabulary (0..{vocab_size - 1}), got {bad} in row {row}"
+                + (": -100 marks ignored positions in labels, not in input_ids" if bad == IGNORE_INDEX else "")
+            )
 
     def _labels_follow_prompt(self) -> bool:
         # Decoder-only labels align with the prompt; encoder-decoder labels are decoder targets.
@@ -1136,6 +1189,10 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         )
         prepared = self._prepare_prompt(input_ids, attention_mask, labels, encoding, inputs_embeds)
         self._check_sequence_fits(prepared.attention_mask.shape[1], "the prompt")
+        if labels is not None:
+            # Decoder-only: a position's label is predicted from the one before, so the first label never counts.
+            targets = prepared.labels[:, 1:] if self.config.use_decoder_only_language_model else labels
+            _check_labels_have_targets(targets, kwargs.get("num_items_in_batch"))
         inputs_embeds = self._embed_prompt(prepared, encoding.language_model_inputs)
         common = _given(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         if self.config.use_decoder_only_language_model:
@@ -1429,6 +1486,40 @@ def _with_generation_defaults(defaults: GenerationConfig, generate_kwargs: dict[
     generation_config = copy.deepcopy(defaults)
     remaining = generation_config.update(**generate_kwargs)
     return {"generation_config": generation_config, **remaining}
+
+
+def _runs_on_cpu(device_map: Any) -> bool:
+    """Whether `from_pretrained(..., device_map=device_map)` puts (some of) the model on the CPU."""
+    if device_map is None:
+        return True  # transformers loads on the CPU unless told otherwise
+    if isinstance(device_map, dict):
+        return any(str(device) == "cpu" for device in device_map.values())
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return not torch.cuda.is_available()
+    return torch.device(device_map).type == "cpu"
+
+
+def _check_labels_have_targets(targets: torch.Tensor, num_items_in_batch: Any) -> None:
+    """A batch whose labels ignore every position has a loss of 0/0 = NaN: refuse it, naming `labels`.
+
+    Rows without targets are fine as long as another row has some; under gradient accumulation (`num_items_in_batch`
+    counts the targets of all micro-batches) a micro-batch without targets adds 0, which is fine too.
+    """
+    if torch.compiler.is_compiling() or targets.device.type == "meta" or bool((targets != IGNORE_INDEX).any()):
+        return
+    if num_items_in_batch is not None and int(num_items_in_batch) > 0:
+        return
+    raise ValueError(
+        f"labels of shape {tuple(targets.shape)} hold no target: every position is {IGNORE_INDEX} (ignored) once the "
+        "image positions and, for decoder-only LLMs, the first position (which no token predicts) are left out, so "
+        "the loss would be NaN. Give at least one target token id in the batch, or call without labels"
+    )
+
+
+def _vocabulary_size(embeddings: nn.Module | None) -> int | None:
+    """Rows of the LLM's input embedding table (None when it is not a plain lookup table)."""
+    size = getattr(embeddings, "num_embeddings", None)
+    return int(size) if isinstance(size, int) else None
 
 
 def _given(**flags: Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from .modeling import (
     _wants_dict,
 )
 from .qformer import Blip2QFormerLMHead, Blip2TextEmbeddings
+from .vision import check_frozen_image_features
 
 STAGE1_LOSSES = ("itc", "itm", "itg")
 ITM_WITHOUT_NEGATIVES = ("raise", "skip")
@@ -158,14 +159,8 @@ class _Blip2Stage1Model(Blip2PreTrainedModel):
             raise ValueError("pass exactly one of pixel_values and frozen_image_features")
         if frozen_image_features is None:
             frozen_image_features = self.vision_model.forward_features(pixel_values, interpolate_pos_encoding)
-        elif (
-            frozen_image_features.dim() != 3
-            or frozen_image_features.shape[-1] != self.config.vision_config.hidden_size
-        ):
-            raise ValueError(
-                "frozen_image_features must be (batch, tokens, vision hidden size "
-                f"{self.config.vision_config.hidden_size}), got {tuple(frozen_image_features.shape)}"
-            )
+        else:
+            check_frozen_image_features(frozen_image_features, self.config.vision_config.hidden_size)
         return self.vision_model.apply_post_layernorm(frozen_image_features)
 
     def project_image(self, query_output: torch.Tensor) -> torch.Tensor:

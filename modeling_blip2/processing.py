@@ -74,7 +74,9 @@ def to_rgb_image(image: ImageLike, timeout: float | None = 10.0) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         image = _open_image_source(str(image), timeout)
     elif isinstance(image, torch.Tensor):
-        image = _array_to_image(image.detach().cpu().numpy())
+        image = image.detach().cpu()
+        # numpy has no bfloat16 (and float16 arrays are fine, but one float path is simpler).
+        image = _array_to_image((image.float() if image.is_floating_point() else image).numpy())
     elif isinstance(image, np.ndarray):
         image = _array_to_image(image)
     elif not isinstance(image, Image.Image):
@@ -110,6 +112,8 @@ def _decode_image(file: Any, name: str) -> Image.Image:
 def _array_to_image(array: np.ndarray) -> Image.Image:
     if array.size == 0:
         raise ValueError(f"expected a non-empty image array, got shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        _check_finite_array(array)
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = array.transpose(1, 2, 0)  # channels-first -> channels-last
     if array.ndim == 3 and array.shape[-1] == 1:
@@ -119,11 +123,21 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     if array.dtype == np.uint16:
         array = (array.astype(np.float32) / 257.0).round().astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
-        scale = 255.0 if float(np.nanmax(array)) <= 1.0 else 1.0
-        array = np.clip(np.nan_to_num(array) * scale, 0, 255).round().astype(np.uint8)
+        scale = 255.0 if float(array.max()) <= 1.0 else 1.0
+        array = np.clip(array * scale, 0, 255).round().astype(np.uint8)
     elif array.dtype != np.uint8:
         array = np.clip(array, 0, 255).astype(np.uint8)
     return Image.fromarray(array)
+
+
+def _check_finite_array(array: np.ndarray) -> None:
+    # NaN / inf pixels have no colour: turning them into black (or white) would hide a broken image.
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise ValueError(
+            f"expected an image of finite pixel values, got a {array.dtype} array of shape {array.shape} with "
+            f"{int((~finite).sum())} NaN or inf value(s)"
+        )
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -146,7 +160,8 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
 def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
     array = np.asarray(image).astype(np.float64)
     if image.mode == "F":
-        peak = 1.0 if float(np.nanmax(array)) <= 1.0 else 255.0
+        _check_finite_array(array)
+        peak = 1.0 if float(array.max()) <= 1.0 else 255.0
     else:
         peak = 65535.0 if image.mode.startswith("I;16") or float(array.max()) > 255 else 255.0
     return np.clip(np.nan_to_num(array) / peak * 255.0, 0, 255).round().astype(np.uint8)
@@ -159,10 +174,19 @@ def to_rgb_images(images: ImageLike | Sequence[ImageLike], timeout: float | None
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
             raise ValueError("expected one or more images, got an empty list")
-        return [to_rgb_image(image, timeout) for image in images]
+        return [_indexed_rgb_image(images, index, timeout) for index in range(len(images))]
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        return [to_rgb_image(image, timeout) for image in images]
-    return [to_rgb_image(images, timeout)]
+        return [_indexed_rgb_image(images, index, timeout) for index in range(len(images))]
+    return [_indexed_rgb_image(images, None, timeout)]
+
+
+def _indexed_rgb_image(images: Any, index: int | None, timeout: float | None) -> Image.Image:
+    """`to_rgb_image(images[index])` (`images` itself when `index` is None), its error naming the argument and the
+    image of the batch that was wrong."""
+    try:
+        return to_rgb_image(images if index is None else images[index], timeout)
+    except ValueError as error:
+        raise ValueError(f"images{'' if index is None else f'[{index}]'}: {error}") from error
 
 
 # -- the processor ------------------------------------------------------------------------------------------------
@@ -453,8 +477,14 @@ def _try_hub_qformer_tokenizer(repo_id: str | os.PathLike, kwargs: dict[str, Any
 def _as_text_list(text: str | Sequence[str], name: str) -> list[str]:
     if isinstance(text, str):
         return [text]
-    if isinstance(text, (list, tuple)) and all(isinstance(item, str) for item in text):
+    if isinstance(text, (list, tuple)):
         if not text:
             raise ValueError(f"{name} is an empty list")
+        for index, item in enumerate(text):
+            if not isinstance(item, str):
+                raise ValueError(
+                    f'{name}[{index}] must be a string, got {type(item).__name__} ({item!r}); pass "" for an '
+                    "empty prompt"
+                )
         return list(text)
     raise ValueError(f"{name} must be a string or a list of strings, got {type(text).__name__}")

@@ -11,6 +11,64 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .attention import attend
 from .configuration import Blip2VisionConfig
 
+PROCESSOR_HINT = (
+    "pass the images through the processor (processor(images=...) or blip2_image_processor(...)), which resizes "
+    "them, rescales them to [0, 1] and normalizes them"
+)
+
+
+def check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int) -> None:
+    """Raises a `ValueError` unless `pixel_values` are a `(batch >= 1, num_channels, H, W)` float tensor of finite
+    values: the one check every path into the image encoder goes through (forward, generate, `encode_images`, the
+    stage-1 models, retrieval, the feature cache).
+
+    Integer images (e.g. uint8 0-255) are refused rather than cast: the encoder expects normalized floats, and a cast
+    would silently give meaningless features. NaN / inf would spread into every output (a NaN loss, empty captions).
+    """
+    if pixel_values is None:
+        raise ValueError("pixel_values are required: a (batch, channels, height, width) float tensor")
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+        raise ValueError(f"pixel_values must be a 4-d tensor (batch, channels, height, width), got {shape}")
+    if pixel_values.shape[1] != num_channels:
+        raise ValueError(f"pixel_values must have {num_channels} channels, got shape {tuple(pixel_values.shape)}")
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds no image (batch size 0)")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be a floating-point tensor of normalized images, got dtype {pixel_values.dtype}: "
+            f"{PROCESSOR_HINT}"
+        )
+    check_finite(pixel_values, "pixel_values", f"check the images or the code that made them, or {PROCESSOR_HINT}")
+
+
+def check_frozen_image_features(features: torch.Tensor, hidden_size: int) -> None:
+    """Raises a `ValueError` unless `features` are `(batch, tokens, hidden_size)` finite frozen-encoder outputs."""
+    if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[-1] != hidden_size:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(
+            f"frozen_image_features must be (batch, tokens, vision hidden size {hidden_size}), got {shape}"
+        )
+    check_finite(features, "frozen_image_features", "rebuild the feature cache from finite images")
+
+
+def check_finite(tensor: torch.Tensor, name: str, hint: str) -> None:
+    """Raises a `ValueError` naming `name` when `tensor` holds NaN or inf (one reduction per call).
+
+    Skipped under `torch.compile` (a compiled graph cannot branch on the data) and on the meta device (no data).
+    """
+    if torch.compiler.is_compiling() or tensor.device.type == "meta":
+        return
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    bad = int((~finite).sum())
+    rows = torch.nonzero((~finite).flatten(1).any(dim=1)).flatten().tolist() if tensor.dim() > 1 else []
+    where = f" in row(s) {rows[:8]}{' ...' if len(rows) > 8 else ''}" if rows else ""
+    raise ValueError(
+        f"{name} must hold finite values, got {bad} NaN or inf value(s) of {tensor.numel()}{where}; {hint}"
+    )
+
 
 class Blip2VisionEmbeddings(nn.Module):
     """Patch embedding + class token + learned absolute positions (optionally resized to another image size)."""

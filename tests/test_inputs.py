@@ -167,3 +167,132 @@ def test_config_of_another_sub_model_type_is_an_error() -> None:
     config["vision_config"]["model_type"] = "clip_vision_model"
     with pytest.raises(ValueError, match="expected a Blip2VisionConfig dict"):
         Blip2Config(**config)
+
+
+# -- issue 11 bad inputs: every entry point into the image encoder goes through one pixel check -------------------
+def _stage1_models() -> dict[str, torch.nn.Module]:
+    from tiny import stage1_config_dict
+
+    from modeling_blip2 import Blip2ForImageTextRetrieval, Blip2ForPretraining, Blip2VisionModelWithProjection
+
+    config = Blip2Config(**stage1_config_dict())
+    return {
+        "pretraining": Blip2ForPretraining(config).eval(),
+        "retrieval": Blip2ForImageTextRetrieval(config).eval(),
+        "vision_with_projection": Blip2VisionModelWithProjection(config).eval(),
+    }
+
+
+def _entry_points(opt_model) -> dict:
+    """Every public path from pixels into the model, as `name -> call(pixel_values)`."""
+    from modeling_blip2.retrieval import encode_images
+
+    stage1 = _stage1_models()
+    ids, mask = prompt_with_image_tokens([[5, 6], [7, 8]], 1)
+    text = torch.tensor([[2, 5, 6], [2, 7, 8]])
+    return {
+        "forward": lambda px: opt_model(px, ids, mask, labels=ids),
+        "generate": lambda px: opt_model.generate(px, max_new_tokens=2),
+        "encode_images": lambda px: opt_model.encode_images(px),
+        "get_image_features": lambda px: opt_model.get_image_features(px),
+        "vision_model": lambda px: opt_model.vision_model(px),
+        "forward_features": lambda px: opt_model.vision_model.forward_features(px),
+        "stage1_forward": lambda px: stage1["pretraining"](text, pixel_values=px, losses=("itc",)),
+        "stage1_generate": lambda px: stage1["pretraining"].generate(px, max_new_tokens=2),
+        "retrieval_forward": lambda px: stage1["retrieval"](px, text),
+        "retrieval_encode_images": lambda px: encode_images(stage1["retrieval"], px, progress=False),
+        "vision_with_projection": lambda px: stage1["vision_with_projection"](px),
+    }
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_pixel_values_are_refused_on_every_path(opt_model, bad_value: float) -> None:
+    images = pixels()
+    images[1, 2, 3, 4] = bad_value
+    for name, call in _entry_points(opt_model).items():
+        with pytest.raises(
+            ValueError, match=r"pixel_values must hold finite values, got 1 NaN or inf .* row\(s\) \[1\]"
+        ):
+            call(images)
+        assert call(pixels()) is not None, name  # finite pixels still pass
+
+
+def test_integer_pixel_values_are_refused_with_a_pointer_to_the_processor(opt_model) -> None:
+    as_bytes = (pixels().abs() * 60).clamp(0, 255).to(torch.uint8)
+    for call in _entry_points(opt_model).values():
+        with pytest.raises(
+            ValueError, match=r"pixel_values must be a floating-point .* got dtype torch.uint8: .*processor"
+        ):
+            call(as_bytes)
+        with pytest.raises(ValueError, match="got dtype torch.int64"):
+            call(as_bytes.long())
+    with torch.no_grad():  # half and bfloat16 pixels are floats: fine
+        assert opt_model.vision_model(pixels().to(torch.bfloat16)).last_hidden_state.shape[0] == 2
+
+
+def test_non_finite_frozen_image_features_are_refused(opt_model) -> None:
+    features = opt_model.vision_model.forward_features(pixels()).detach()
+    features[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="frozen_image_features must hold finite values"):
+        opt_model(frozen_image_features=features, input_ids=torch.tensor([[5], [6]]))
+    stage1 = _stage1_models()["pretraining"]
+    with pytest.raises(ValueError, match="frozen_image_features must hold finite values"):
+        stage1(torch.tensor([[2, 5], [2, 6]]), frozen_image_features=features, losses=("itc",))
+    with pytest.raises(ValueError, match=r"frozen_image_features must be \(batch, tokens, vision hidden size 32\)"):
+        stage1(torch.tensor([[2, 5], [2, 6]]), frozen_image_features=features[..., :8], losses=("itc",))
+
+
+def test_the_pixel_check_stays_out_of_compiled_graphs() -> None:
+    vision = _model("opt").vision_model
+    compiled = torch.compile(vision, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.allclose(compiled(pixels()).last_hidden_state, vision(pixels()).last_hidden_state)
+
+
+@pytest.mark.parametrize("family", ["opt", "t5"])
+def test_labels_that_ignore_every_position_are_refused(family: str) -> None:
+    model = _model(family)
+    ids, mask = prompt_with_image_tokens([[5, 6, 7], [8, 9, 10]], TEXT[family]["pad_token_id"])
+    kwargs = {"decoder_input_ids": torch.tensor([[0, 11], [0, 12]])} if family == "t5" else {}
+    labels = torch.full((2, 2), -100) if family == "t5" else torch.full_like(ids, -100)
+    with pytest.raises(ValueError, match=r"labels of shape .* hold no target: every position is -100"):
+        model(pixels(), ids, mask, labels=labels, **kwargs)
+    # One row without targets is fine when another row has some (only an all-ignored batch gives NaN).
+    labels[0, -1] = 12
+    with torch.no_grad():
+        assert torch.isfinite(model(pixels(), ids, mask, labels=labels, **kwargs).loss)
+
+
+def test_labels_with_a_target_only_at_the_first_position_are_refused(opt_model) -> None:
+    # The first label is never predicted (labels shift by one), so this batch has no target either.
+    ids = torch.tensor([[5] + [IMAGE_TOKEN] * NUM_QUERY_TOKENS + [6, 7]] * 2)
+    labels = torch.full_like(ids, -100)
+    labels[:, 0] = 5
+    with pytest.raises(ValueError, match="hold no target"):
+        opt_model(pixels(), ids, labels=labels)
+    # Without image tokens the queries go first, and the first text label is then predicted from them: a target.
+    with torch.no_grad():
+        text_only = torch.tensor([[6, 7], [6, 7]])
+        assert torch.isfinite(opt_model(pixels(), text_only, labels=torch.tensor([[6, -100], [6, -100]])).loss)
+    # Under gradient accumulation a micro-batch without targets adds 0 to a sum over the whole batch's targets.
+    with torch.no_grad():
+        loss = opt_model(pixels(), ids, labels=labels, num_items_in_batch=torch.tensor(7)).loss
+    assert float(loss) == 0.0
+
+
+def test_image_token_index_outside_the_llm_vocabulary_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"image_token_index \(500\) is outside the LLM vocabulary of 120 tokens"):
+        Blip2Config(**config_dict(image_token_index=500))
+    with pytest.raises(ValueError, match=r"image_token_index \(-1\) is outside"):
+        Blip2Config(**config_dict(image_token_index=-1))
+    config = Blip2Config(**config_dict())
+    config.image_token_index = 120  # edited after the config checked it: the model refuses it
+    with pytest.raises(ValueError, match=r"image_token_index \(120\) is outside the LLM vocabulary of 120 tokens"):
+        Blip2ForConditionalGeneration(config)
+
+
+def test_input_ids_outside_the_llm_vocabulary_are_named(opt_model) -> None:
+    with pytest.raises(ValueError, match=r"input_ids must be ids of the LLM vocabulary \(0..119\), got 120 in row 1"):
+        opt_model(pixels(), torch.tensor([[5, 6], [7, 120]]))
+    with pytest.raises(ValueError, match="got -100 in row 0: -100 marks ignored positions in labels"):
+        opt_model.generate(pixels(), torch.tensor([[-100, 6], [7, 8]]), max_new_tokens=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 from tiny import tiny_checkpoint_parts
@@ -139,3 +140,83 @@ def test_vqa_pipeline_feeds_the_question_to_a_question_conditioned_qformer() -> 
     )
     assert [item[0]["answer"] for item in answers] == expected
     assert seen and all(length > 4 for length in seen)  # [queries; question] went through the Q-Former
+
+
+# -- issue 11: transformers' call forms -----------------------------------------------------------------------------
+def _captions(outputs) -> list[str]:
+    return [item[0]["generated_text"] for item in outputs]
+
+
+def test_captioner_takes_transformers_call_forms(captioner) -> None:
+    expected = captioner(_image(), max_new_tokens=3)
+    prompted = captioner(_image(), text="a photo of", max_new_tokens=3)
+    assert captioner(image=_image(), max_new_tokens=3) == expected
+    assert captioner(images=_image(), max_new_tokens=3) == expected
+    assert captioner(inputs=_image(), max_new_tokens=3) == expected
+    assert captioner({"image": _image()}, max_new_tokens=3) == expected
+    assert captioner({"images": _image(), "text": "a photo of"}, max_new_tokens=3) == prompted
+    assert captioner({"image": _image(), "prompt": "a photo of"}, max_new_tokens=3) == prompted
+    pairs = [{"image": _image()}, {"images": _image(), "text": "a photo of"}]
+    assert captioner(pairs, max_new_tokens=3, batch_size=2) == [expected, prompted]
+    streamed = captioner((image for image in [_image(), _image()]), max_new_tokens=3)
+    assert not isinstance(streamed, list) and list(streamed) == [expected, expected]
+    batch = np.stack([np.asarray(_image())] * 3)  # (3, H, W, C): a batch of three images
+    assert captioner(batch, max_new_tokens=3) == [expected] * 3
+    with pytest.raises(ValueError, match="give images once: got images= and image="):
+        captioner(_image(), image=_image())
+    with pytest.raises(ValueError, match=r"images\[1\]: unknown key\(s\) \['question'\]"):
+        captioner([{"image": _image()}, {"image": _image(), "question": "what?"}])
+    with pytest.raises(ValueError, match=r"images\[0\]: expected an image of finite pixel values"):
+        captioner([np.full((8, 8, 3), np.nan)])
+
+
+def test_generation_options_as_call_arguments(captioner) -> None:
+    model, processor = tiny_checkpoint_parts()
+    inputs = processor(images=_image(), return_tensors="pt")
+    beams = processor.decode_generated(model.generate(**inputs, num_beams=3, max_new_tokens=4))[0]
+    assert captioner(_image(), num_beams=3, max_new_tokens=4)[0]["generated_text"].strip() == beams
+    assert captioner(_image(), generate_kwargs={"num_beams": 3}, max_new_tokens=4) == captioner(
+        _image(), num_beams=3, max_new_tokens=4
+    )
+    tokens = captioner(_image(), min_new_tokens=6, max_new_tokens=6, return_tensors=True)[0]["generated_token_ids"]
+    assert len(tokens) == inputs.input_ids.shape[1] + 6
+    with pytest.raises(ValueError, match="'num_beams' was given twice"):
+        captioner(_image(), num_beams=2, generate_kwargs={"num_beams": 3})
+
+
+def test_vqa_takes_transformers_call_forms(checkpoint) -> None:
+    vqa = pipeline("visual-question-answering", model=str(checkpoint), trust_remote_code=True)
+    answer = vqa(_image(), question="what color is it?", max_new_tokens=3)
+    assert vqa(image=_image(), question="what color is it?", max_new_tokens=3) == answer
+    assert vqa({"image": _image(), "question": "what color is it?"}, max_new_tokens=3) == answer
+    assert vqa([{"image": _image(), "question": "what color is it?"}], max_new_tokens=3) == [answer]
+    streamed = vqa(({"image": _image(), "question": q} for q in ["what color is it?"] * 2), max_new_tokens=3)
+    assert list(streamed) == [answer, answer]
+    # One image, several questions: each question about that image.
+    assert vqa(_image(), question=["what color is it?", "what color is it?"], max_new_tokens=3) == [answer, answer]
+    # The paper's 5 beams by default; a call argument replaces them.
+    greedy = vqa(_image(), question="what color is it?", num_beams=1, max_new_tokens=3)
+    assert greedy == vqa(_image(), question="what color is it?", generate_kwargs={"num_beams": 1}, max_new_tokens=3)
+    model, processor = tiny_checkpoint_parts()
+    prompt = processor(images=_image(), text="Question: what color is it? Answer:", return_tensors="pt")
+    generated = model.generate(**prompt, num_beams=5, max_new_tokens=3)[:, prompt.input_ids.shape[1] :]
+    assert answer[0]["answer"] == processor.decode_generated(generated)[0]
+    with pytest.raises(ValueError, match="question 0 is missing"):
+        vqa({"image": _image()})
+    with pytest.raises(ValueError, match="question 1 must be a non-empty string, got int"):
+        vqa([_image(), _image()], question=["what?", 3])
+
+
+def test_tiny_random_checkpoint_built_as_its_readme_says_captions_without_arguments(tmp_path) -> None:
+    # hub_configs/README.md: the model is built from the config (random weights), the processor files are there.
+    from tiny import TINY_RANDOM
+
+    from modeling_blip2 import Blip2Config, Blip2ForConditionalGeneration
+
+    Blip2ForConditionalGeneration(Blip2Config.from_pretrained(TINY_RANDOM)).save_pretrained(tmp_path)
+    Blip2ImageTextProcessor.from_pretrained(TINY_RANDOM).save_pretrained(tmp_path)
+    captioner = pipeline("image-to-text", model=str(tmp_path), trust_remote_code=True)
+    tokens = captioner(_image(), return_tensors=True)[0]["generated_token_ids"]
+    # No length anywhere: the pipeline's 30 new tokens (transformers' 256 would overrun the LLM's 128 positions).
+    assert len(tokens) <= 4 + 1 + 30
+    assert isinstance(captioner(_image())[0]["generated_text"], str)

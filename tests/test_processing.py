@@ -177,3 +177,42 @@ def test_processor_output_drives_the_model(processor) -> None:
     training = processor(images=[image, image], text=["a photo of", "a"], for_training=True)
     loss = model(**training).loss
     assert torch.isfinite(loss)
+
+
+# -- issue 11 bad inputs --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.full((8, 8, 3), np.nan, dtype=np.float32),
+        np.where(np.eye(8)[..., None] > 0, np.inf, 0.5).repeat(3, axis=2),
+        torch.full((3, 8, 8), float("nan")),
+        torch.tensor(float("nan")).expand(3, 8, 8).to(torch.bfloat16),
+    ],
+    ids=["numpy-nan", "numpy-inf", "tensor-nan", "bf16-nan"],
+)
+def test_non_finite_image_arrays_are_refused(processor, bad) -> None:
+    with pytest.raises(ValueError, match=r"^images: expected an image of finite pixel values, got .* NaN or inf"):
+        processor(images=bad)
+    with pytest.raises(ValueError, match=r"^images\[1\]: expected an image of finite pixel values"):
+        processor(images=[np.zeros((8, 8, 3), dtype=np.float32), bad], text=["a", "b"])
+
+
+def test_non_finite_pil_float_image_is_refused() -> None:
+    image = Image.fromarray(np.array([[0.5, np.nan], [0.1, 0.2]], dtype=np.float32), mode="F")
+    with pytest.raises(ValueError, match="finite pixel values"):
+        to_rgb_image(image)
+
+
+def test_bfloat16_image_tensors_are_accepted(processor) -> None:
+    image = torch.rand(3, 8, 8)
+    expected = processor(images=image).pixel_values
+    assert torch.allclose(processor(images=image.to(torch.bfloat16)).pixel_values, expected, atol=0.05)
+
+
+@pytest.mark.parametrize(("text", "index", "kind"), [([None], 0, "NoneType"), (["a", 3], 1, "int")])
+def test_a_text_list_holding_a_non_string_names_the_index(processor, text, index: int, kind: str) -> None:
+    images = [Image.new("RGB", (8, 8))] * len(text)
+    with pytest.raises(ValueError, match=rf"text\[{index}\] must be a string, got {kind}"):
+        processor(images=images, text=text)
+    with pytest.raises(ValueError, match=rf"text\[{index}\] must be a string"):
+        processor(text=text)

@@ -187,3 +187,62 @@ def test_a_bare_bitsandbytes_config_quantizes_only_the_llm(saved) -> None:
     assert all(name.startswith("language_model.") for name in quantized_module_names(model))
     with torch.no_grad():
         assert torch.isfinite(model(**labelled_batch("opt")).logits).all()
+
+
+# -- issue 11 bad inputs: a plain 4-bit config on layers bitsandbytes cannot run ------------------------------------
+def test_a_bare_4bit_config_on_narrow_llm_layers_is_refused_before_loading(tmp_path, monkeypatch) -> None:
+    from transformers import BitsAndBytesConfig
+
+    Blip2ForConditionalGeneration(_config("opt", wide=False)).save_pretrained(tmp_path)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were being loaded")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.from_pretrained", no_loading)
+    with pytest.raises(
+        ValueError,
+        match=r"load_in_4bit cannot run \d+ layer\(s\) on the CPU: .* in_features a multiple of 64 and out_features a "
+        r"multiple of 32\. Offending: language_model\.\S+ \(32 -> 32\)",
+    ):
+        Blip2ForConditionalGeneration.from_pretrained(
+            tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+        )
+    # The check reads the layers the quantizer converts: a caller's skip list that leaves the narrow layers out lets
+    # the load through (the fp32 parts are added to it, the vision encoder is not).
+    monkeypatch.undo()
+    skip_llm = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["language_model", "vision_model"])
+    assert not quantized_module_names(
+        Blip2ForConditionalGeneration.from_pretrained(tmp_path, quantization_config=skip_llm)
+    )
+
+
+def test_a_bare_4bit_config_on_wide_llm_layers_loads_and_generates(saved) -> None:
+    from transformers import BitsAndBytesConfig
+
+    folder, _ = saved["llama"]
+    model = Blip2ForConditionalGeneration.from_pretrained(
+        folder, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    )
+    assert set(quantized_module_names(model).values()) == {"Linear4bit"}
+    batch = labelled_batch("llama")
+    assert (
+        model.generate(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], max_new_tokens=2).shape[0]
+        == 2
+    )
+
+
+def test_narrow_4bit_layers_that_skip_the_check_fail_at_generate_on_avx512_bf16_cpus(tmp_path, monkeypatch) -> None:
+    """Why the load is refused: measured with bitsandbytes 0.50, eval-mode 4-bit inference on a CPU with AVX512-BF16
+    repacks the weights and breaks on widths the rule refuses (other CPUs run them)."""
+    from transformers import BitsAndBytesConfig
+
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes runs 4-bit layers of any width here")
+    Blip2ForConditionalGeneration(_config("opt", wide=False)).save_pretrained(tmp_path)
+    monkeypatch.setattr("modeling_blip2.modeling._runs_on_cpu", lambda device_map: False)
+    model = Blip2ForConditionalGeneration.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+    )
+    batch = labelled_batch("opt")
+    with pytest.raises((RuntimeError, AssertionError)):
+        model.generate(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], max_new_tokens=2)

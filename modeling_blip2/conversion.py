@@ -598,7 +598,7 @@ def export_to_transformers(
 
     Raises:
         ValueError: for what the stock layout cannot represent (a CLIP-style image encoder, images with other
-            than 3 channels, a post-LayerNorm epsilon of its own unless allowed, an image token other than
+            than 3 channels, a generation model whose Q-Former reads the question, a post-LayerNorm epsilon of its own unless allowed, an image token other than
             `<image>`), for weights that do not match the config exactly, and for unreadable (truncated, corrupt)
             config, index or weight files, naming the file.
         FileNotFoundError / NotADirectoryError: when `source_dir` is not a checkpoint folder.
@@ -623,6 +623,13 @@ def export_to_transformers(
             f"cannot export a {source_architecture}: supported architectures are {tuple(STOCK_ARCHITECTURES)}"
         )
     stock_architecture, layout = STOCK_ARCHITECTURES[source_architecture]
+    if layout == "conditional_generation" and config.qformer_config.use_qformer_text_input:
+        raise ValueError(
+            f"{source_dir} holds a {source_architecture} whose Q-Former reads the question "
+            "(qformer_config.use_qformer_text_input=True, weights embeddings.*): the stock "
+            f"{stock_architecture} has no Q-Former text input, so the export would drop that conditioning. Export "
+            "a model without it, or keep this checkpoint in this package's layout (remote code)"
+        )
     stock_config = stock_config_dict(config, allow_post_layernorm_eps_change=allow_post_layernorm_eps_change)
     stock_config["architectures"] = [stock_architecture]
 

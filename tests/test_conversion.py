@@ -401,6 +401,15 @@ def test_export_loads_in_the_stock_class_with_the_same_logits(family: str, shard
     assert torch.allclose(actual, expected, atol=ATOL), (actual - expected).abs().max()
 
 
+def test_export_refuses_a_generation_model_whose_qformer_reads_the_question(tmp_path) -> None:
+    config = modeling_blip2.Blip2Config.from_pretrained(ROOT / "hub_configs" / "tiny-random")
+    assert config.qformer_config.use_qformer_text_input
+    modeling_blip2.Blip2ForConditionalGeneration(config).save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="use_qformer_text_input=True, weights embeddings"):
+        modeling_blip2.conversion.export_to_transformers(tmp_path / "ours", tmp_path / "stock")
+    assert not (tmp_path / "stock").exists()
+
+
 def test_export_refuses_a_clip_image_encoder(tmp_path) -> None:
     clip = config_dict("opt")
     clip["vision_config"]["vision_architecture"] = "clip"

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .modeling import check_4bit_layer_widths, linear_layers_to_quantize
+
 PARTS = ("language_model", "qformer", "both")
 # Leaf names of the attention query / value projections, tried in this order when the LLM's model type is not in
 # PEFT's table (or its names are not in the model). One-element entries are fused query-key-value projections.
@@ -56,10 +58,6 @@ QUANTIZATION_SKIP_MODULES = ("vision_model", "query_tokens", "qformer", "languag
 # The parts trained in stage 2 (the LLM and the vision encoder but its post-LayerNorm are frozen).
 STAGE2_TRAINABLE_PARTS = ("query_tokens", "qformer", "language_projection", "vision_model.post_layernorm")
 EXTRA_PARAMETERS_FILE = "blip2_trained_parameters.safetensors"
-# bitsandbytes packs 4-bit weights in blocks of 64 along the input dimension; its CPU kernel (used in inference
-# on CPUs with AVX512-BF16) also tiles the output dimension by 32. Widths that break either cannot be run there.
-FOUR_BIT_BLOCKSIZE = 64
-FOUR_BIT_OUTPUT_TILE = 32
 
 
 # -- LoRA targets -----------------------------------------------------------------------------------------------------
@@ -357,50 +355,16 @@ def _skeleton(config: Any, model_class: type | None = None) -> nn.Module:
         return model_class(config)
 
 
-def modules_to_quantize(model: nn.Module, quantization_config: Any) -> list[tuple[str, int, int]]:
-    """`(name, in_features, out_features)` of the linear layers transformers replaces for `quantization_config`.
-
-    Follows the transformers 5 bitsandbytes rule: skipped are `llm_int8_skip_modules` (or, when that is None, the
-    output embeddings, tied and last modules) and every `_keep_in_fp32_modules` entry of the model and its parts.
-    """
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    skip = quantization_config.llm_int8_skip_modules
-    patterns = list(skip) if skip is not None else list(get_keys_to_not_convert(model))
-    patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return [
-        (name, module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and should_convert_module(name, patterns)
-    ]
+modules_to_quantize = linear_layers_to_quantize
 
 
 def check_4bit_widths(model_or_config: Any, quantization_config: Any = None, model_class: type | None = None) -> None:
-    """Raises a `ValueError` if a layer that 4-bit loading would quantize has a width bitsandbytes cannot pack.
-
-    bitsandbytes quantizes in blocks of 64 input features and its CPU inference kernel tiles outputs by 32: a layer
-    needs `in_features` a multiple of 64 (so at least 64) and `out_features` a multiple of 32. Layers that break
-    this load, but then fail (or mis-pack) at inference on some backends; tiny test LLMs of width 32 are the usual
-    case.
-    """
+    """Raises a `ValueError` if a layer that 4-bit loading would quantize has a width bitsandbytes cannot pack
+    (`modeling.check_4bit_layer_widths`, on a model or on the meta-device model of a config)."""
     if quantization_config is None:
         quantization_config = quantization_config_for_llm(4)
     model = model_or_config if isinstance(model_or_config, nn.Module) else _skeleton(model_or_config, model_class)
-    bad = [
-        (name, fan_in, fan_out)
-        for name, fan_in, fan_out in modules_to_quantize(_unwrap(model), quantization_config)
-        if fan_in % FOUR_BIT_BLOCKSIZE or fan_out % FOUR_BIT_OUTPUT_TILE
-    ]
-    if bad:
-        widths = sorted({w for _, fan_in, fan_out in bad for w in (fan_in, fan_out)})
-        listed = ", ".join(f"{name} ({fan_in} -> {fan_out})" for name, fan_in, fan_out in bad[:4])
-        raise ValueError(
-            f"4-bit quantization cannot pack {len(bad)} layer(s) of width(s) {widths}: bitsandbytes needs "
-            f"in_features a multiple of {FOUR_BIT_BLOCKSIZE} (its block size; so at least {FOUR_BIT_BLOCKSIZE}) and "
-            f"out_features a multiple of {FOUR_BIT_OUTPUT_TILE}. Offending: {listed}{' ...' if len(bad) > 4 else ''}. "
-            "Load in 8-bit, or add these modules to llm_int8_skip_modules"
-        )
+    check_4bit_layer_widths(_unwrap(model), quantization_config)
 
 
 def load_language_model_quantized(

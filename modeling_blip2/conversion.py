@@ -598,9 +598,9 @@ def export_to_transformers(
 
     Raises:
         ValueError: for what the stock layout cannot represent (a CLIP-style image encoder, images with other
-            than 3 channels, a generation model whose Q-Former reads the question, a post-LayerNorm epsilon of its own unless allowed, an image token other than
-            `<image>`), for weights that do not match the config exactly, and for unreadable (truncated, corrupt)
-            config, index or weight files, naming the file.
+            than 3 channels, a generation model whose Q-Former reads the question, a post-LayerNorm epsilon of its
+            own unless allowed, an image token other than `<image>`), for weights that do not match the config
+            exactly, and for unreadable (truncated, corrupt) config, index or weight files, naming the file.
         FileNotFoundError / NotADirectoryError: when `source_dir` is not a checkpoint folder.
     """
     source_dir, output_dir = Path(source_dir), Path(output_dir)

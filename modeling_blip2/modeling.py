@@ -74,7 +74,7 @@ CUSTOM_PIPELINES = {
 }
 # bitsandbytes 0.50, measured on CPU: eval-mode 4-bit inference on CPUs with AVX512-BF16 repacks each weight in blocks
 # of 64 input features and tiles of 32 output features, and fails (at the first forward) on any other width; other
-# CPUs and training-mode forwards run any width. `adapters.check_4bit_widths` applies the same rule.
+# CPUs and training-mode forwards run any width (`check_4bit_layer_widths`).
 FOUR_BIT_CPU_IN_MULTIPLE = 64
 FOUR_BIT_CPU_OUT_MULTIPLE = 32
 PIPELINE_CODE_FILES = (  # pipelines.py + what it imports
@@ -288,13 +288,8 @@ class Blip2PreTrainedModel(PreTrainedModel):
     def _check_4bit_widths(
         cls, pretrained_model_name_or_path: str | os.PathLike | None, quantization_config: Any, kwargs: dict
     ) -> None:
-        """Refuses, before any weight is read, a 4-bit load whose quantized layers bitsandbytes cannot run on CPU.
-
-        The layers are those transformers' bitsandbytes quantizer converts (every `nn.Linear` outside
-        `llm_int8_skip_modules` and `_keep_in_fp32_modules`), read from the model built on the meta device.
-        """
-        from transformers.quantizers.quantizers_utils import should_convert_module
-
+        """Refuses, before any weight is read, a 4-bit load whose quantized layers bitsandbytes cannot run on CPU
+        (`check_4bit_layer_widths` on the model built on the meta device)."""
         config = kwargs.get("config")
         if not isinstance(config, cls.config_class):
             hub_kwargs = {
@@ -305,21 +300,7 @@ class Blip2PreTrainedModel(PreTrainedModel):
             config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         with torch.device("meta"):
             skeleton = cls(config)
-        patterns = [*(quantization_config.llm_int8_skip_modules or []), *(skeleton._keep_in_fp32_modules or [])]
-        bad = [
-            f"{name} ({module.in_features} -> {module.out_features})"
-            for name, module in skeleton.named_modules()
-            if type(module) is nn.Linear
-            and should_convert_module(name, patterns)
-            and (module.in_features % FOUR_BIT_CPU_IN_MULTIPLE or module.out_features % FOUR_BIT_CPU_OUT_MULTIPLE)
-        ]
-        if bad:
-            raise ValueError(
-                f"load_in_4bit cannot run {len(bad)} layer(s) on the CPU: bitsandbytes' 4-bit CPU inference needs "
-                f"in_features a multiple of {FOUR_BIT_CPU_IN_MULTIPLE} and out_features a multiple of "
-                f"{FOUR_BIT_CPU_OUT_MULTIPLE}. Offending: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. "
-                "Load in 8-bit (load_in_8bit=True), add these modules to llm_int8_skip_modules, or load on a GPU"
-            )
+        check_4bit_layer_widths(skeleton, quantization_config)
 
     # -- Hub ------------------------------------------------------------------------------------------------------
     def push_to_hub(
@@ -1467,6 +1448,44 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel, GenerationMixin):
         cache = prefix.cache if "cache" in prefix else prefix.past_key_values
         cache.batch_repeat_interleave(copies)  # (B, ...) -> (B * copies, ...), each prompt's copies side by side
         return {**generate_kwargs, "cache": cache}
+
+
+def linear_layers_to_quantize(model: nn.Module, quantization_config: Any) -> list[tuple[str, int, int]]:
+    """`(name, in_features, out_features)` of the linear layers transformers' bitsandbytes quantizer replaces.
+
+    Skipped are `llm_int8_skip_modules` (or, when that is None, the output embeddings, tied and last modules, as
+    transformers does) and every `_keep_in_fp32_modules` entry of the model.
+    """
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = quantization_config.llm_int8_skip_modules
+    patterns = list(skip) if skip is not None else list(get_keys_to_not_convert(model))
+    patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return [
+        (name, module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and should_convert_module(name, patterns)
+    ]
+
+
+def check_4bit_layer_widths(model: nn.Module, quantization_config: Any) -> None:
+    """Raises a `ValueError` naming the layers that 4-bit loading would quantize to widths bitsandbytes' CPU
+    inference cannot run (`in_features` a multiple of 64, `out_features` of 32; see `FOUR_BIT_CPU_IN_MULTIPLE`)."""
+    bad = [
+        (name, fan_in, fan_out)
+        for name, fan_in, fan_out in linear_layers_to_quantize(model, quantization_config)
+        if fan_in % FOUR_BIT_CPU_IN_MULTIPLE or fan_out % FOUR_BIT_CPU_OUT_MULTIPLE
+    ]
+    if bad:
+        widths = sorted({width for _, fan_in, fan_out in bad for width in (fan_in, fan_out)})
+        listed = ", ".join(f"{name} ({fan_in} -> {fan_out})" for name, fan_in, fan_out in bad[:4])
+        raise ValueError(
+            f"4-bit quantization cannot pack {len(bad)} layer(s) of width(s) {widths} for bitsandbytes' CPU "
+            f"inference, which needs in_features a multiple of {FOUR_BIT_CPU_IN_MULTIPLE} and out_features a "
+            f"multiple of {FOUR_BIT_CPU_OUT_MULTIPLE}. Offending: {listed}{' ...' if len(bad) > 4 else ''}. Load in "
+            "8-bit (load_in_8bit=True), add these modules to llm_int8_skip_modules, or load on a GPU"
+        )
 
 
 def _check_left_padded(attention_mask: torch.Tensor) -> None:

@@ -201,8 +201,8 @@ def test_a_bare_4bit_config_on_narrow_llm_layers_is_refused_before_loading(tmp_p
     monkeypatch.setattr("transformers.PreTrainedModel.from_pretrained", no_loading)
     with pytest.raises(
         ValueError,
-        match=r"load_in_4bit cannot run \d+ layer\(s\) on the CPU: .* in_features a multiple of 64 and out_features a "
-        r"multiple of 32\. Offending: language_model\.\S+ \(32 -> 32\)",
+        match=r"4-bit quantization cannot pack \d+ layer\(s\) of width\(s\) .* in_features a multiple of 64 and "
+        r"out_features a multiple of 32\. Offending: language_model\.\S+ \(32 -> 32\)",
     ):
         Blip2ForConditionalGeneration.from_pretrained(
             tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True)

@@ -260,9 +260,9 @@ class Blip2PreTrainedModel(PreTrainedModel):
         if cls._quantization_skip_modules and getattr(quantization_config, "quant_method", None) == "bitsandbytes":
             # transformers' bitsandbytes quantizers would convert every nn.Linear but the LLM head: keep the image
             # encoder, query tokens, Q-Former and projection out of it (the LLM is what 8-/4-bit loading is for).
-            # A caller's own skip list is kept, and the fp32 modules are always added to it.
+            # A caller's own skip list is kept, and these modules are always added to it.
             given = quantization_config.llm_int8_skip_modules
-            skip = list(cls._quantization_skip_modules) if given is None else [*given, *FP32_MODULES]
+            skip = [*(given or []), *cls._quantization_skip_modules]
             quantization_config = copy.deepcopy(quantization_config)
             quantization_config.llm_int8_skip_modules = list(dict.fromkeys(skip))
             kwargs["quantization_config"] = quantization_config

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tiny import tiny_checkpoint_parts
+from tiny import TINY_RANDOM, randomise_, tiny_checkpoint_parts
 
 import modeling_blip2.checkpoint_io as checkpoint_io
 import modeling_blip2.conversion as conversion
-from modeling_blip2 import Blip2ForConditionalGeneration, Blip2ImageTextProcessor, save_with_remote_code
+from modeling_blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2ImageTextProcessor, save_with_remote_code
 from modeling_blip2.checkpoint_io import atomic_save, stale_weight_files, weight_file_variant
 
 SHARDED = "40KB"  # the tiny model in several shards
@@ -110,7 +110,10 @@ def test_remote_code_save_failing_after_the_model_keeps_the_old_checkpoint(parts
 
 
 def test_export_failing_after_its_first_shard_keeps_the_old_export(parts, tmp_path, monkeypatch) -> None:
-    model, processor, newer = parts
+    _, processor, _ = parts
+    config = Blip2Config.from_pretrained(TINY_RANDOM)
+    config.qformer_config.use_qformer_text_input = False  # the stock generation class has no Q-Former text side
+    model, newer = (randomise_(Blip2ForConditionalGeneration(config), seed=seed).eval() for seed in (0, 1))
     for name, source in (("ours", model), ("newer", newer)):
         source.save_pretrained(tmp_path / name)
         processor.save_pretrained(tmp_path / name)

@@ -4,9 +4,9 @@ LoRA
     `add_lora(model, part=...)` wraps a BLIP-2 model in a `peft.PeftModel` with LoRA on the attention query / value
     projections of the LLM (`part="language_model"`), of the Q-Former (`"qformer"`) or of both (`"both"`).
     `lora_target_modules` resolves those projections to full module paths, so nothing outside the requested part is
-    touched: the LLM families name them differently (OPT / Llama / Mistral / Qwen2 `q_proj`, `v_proj`; T5 `q`, `v`;
-    GPT-NeoX `query_key_value` ...), the Q-Former calls them `query`, `value`, and the vision encoder's fused `qkv`
-    is never matched.
+    touched: the LLM families name them differently (OPT / Llama / Mistral / Qwen2 / Gemma `q_proj`, `v_proj`; T5 `q`,
+    `v`; Phi-3 one fused `qkv_proj`, which is then the target; GPT-NeoX `query_key_value` ...), the Q-Former calls
+    them `query`, `value`, and the vision encoder's fused `qkv` is never matched.
 
     The returned `PeftModel` is used like the BLIP-2 model: `peft_model(pixel_values=..., input_ids=..., labels=...)`,
     `peft_model.generate(pixel_values, input_ids, ...)`, `Trainer(model=peft_model, ...)` / `Blip2Trainer`.
@@ -83,8 +83,11 @@ def _language_model_projection_names(model: nn.Module) -> tuple[str, ...]:
     from peft.utils import constants as peft_constants
 
     peft_targets = getattr(peft_constants, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", {})
-    if model_type in peft_targets:
-        candidates.append(tuple(peft_targets[model_type]))
+    entry = peft_targets.get(model_type)
+    # Most entries are leaf names; a few are a regex over that model's own paths (gemma4), which says nothing about
+    # our layout and whose tuple() would be its characters (a stray "q", "k", "v" match T5 leaves): skip those.
+    if isinstance(entry, (list, tuple, set, frozenset)):
+        candidates.append(tuple(entry))
     candidates.extend(ATTENTION_PROJECTION_CANDIDATES)
     for names in candidates:
         if all(name in leaves for name in names):

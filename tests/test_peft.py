@@ -68,6 +68,16 @@ def test_llama_like_families_are_detected_from_the_model(model_type: str) -> Non
     assert {name.rsplit(".", 1)[-1] for name in targets} == {"q_proj", "v_proj"}
 
 
+def test_a_regex_entry_in_peft_table_is_not_read_as_leaf_names(monkeypatch) -> None:
+    # PEFT gives a few model types a regex over their own paths (gemma4); its characters are no leaf names. "kv" would
+    # otherwise become the leaves ("k", "v"), which T5 has: the query projection would be missed.
+    from peft.utils import constants
+
+    monkeypatch.setitem(constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "t5", "kv")
+    targets = lora_target_modules(_model("t5"))
+    assert {name.rsplit(".", 1)[-1] for name in targets} == {"q", "v"} and len(targets) == FAMILY_LORA_COUNT["t5"]
+
+
 def test_lora_on_the_qformer_wraps_only_its_query_and_value_projections() -> None:
     model = _model("opt")
     peft_model = add_lora(model, part="qformer")

@@ -234,3 +234,66 @@ def tiny_t5_like_tokenizer():
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tokenizer
+
+
+# The LLM families added for issue 12, kept apart from TEXT so that tests parametrized over FAMILIES stay as they are.
+# Gemma's default head_dim (256) and Phi-3's default pad id (32000) do not fit a tiny model: both are set here.
+# Mistral gets a sliding window shorter than the test prompts so that the windowed attention path runs.
+MORE_TEXT = {
+    "qwen2": {
+        "model_type": "qwen2",
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    },
+    "gemma": {
+        "model_type": "gemma",
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "max_position_embeddings": 64,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+    },
+    "phi3": {
+        "model_type": "phi3",
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "original_max_position_embeddings": 64,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    },
+    "mistral": {
+        "model_type": "mistral",
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "sliding_window": 8,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    },
+}
+MORE_FAMILIES = tuple(MORE_TEXT)

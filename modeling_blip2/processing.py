@@ -1,7 +1,9 @@
-"""Processor: images with BLIP-2 semantics, LLM prompts with `<image>` tokens, and an optional Q-Former tokenizer."""
+"""Processor: images through the vision model's image processor, LLM prompts and chats with `<image>` tokens, and an
+optional Q-Former tokenizer."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import urllib.error
@@ -12,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from transformers import AutoTokenizer, BatchFeature, BlipImageProcessorPil, ProcessorMixin
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, BlipImageProcessorPil, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 
 from .checkpoint_io import atomic_save, check_local_checkpoint, pop_hub_kwargs, push_files, relative_files
@@ -195,14 +197,20 @@ def _indexed_rgb_image(images: Any, index: int | None, timeout: float | None) ->
 class Blip2ImageTextProcessor(ProcessorMixin):
     """Prepares images and text for the BLIP-2 models of this package.
 
-    - Images: any PIL mode, arrays, tensors, paths or URLs -> RGB -> the BLIP-2 transform of `image_processor`.
-    - Prompts: tokenized by the LLM tokenizer, each row prefixed with `num_query_tokens` `<image>` tokens (never
-      truncated; `max_length` counts them). Left padding for generation, right padding (and `labels`) for training.
+    - Images: any PIL mode, arrays, tensors, paths or URLs -> RGB -> `image_processor`: the BLIP-2 transform
+      (`blip2_image_processor`) for the BLIP-2 checkpoints, the vision model's own image processor (CLIP, SigLIP,
+      DINOv2, ViT, ConvNeXt ...) for a model composed with `from_unimodal_pretrained`.
+    - Prompts: tokenized by the LLM tokenizer. One `<image>` placeholder in a prompt is expanded in place to
+      `num_query_tokens` `<image>` tokens; a prompt without one (given with images) is prefixed with them. Image tokens
+      are never truncated; `max_length` counts them. Left padding for generation, right padding (and `labels`) for
+      training.
+    - Chat: `apply_chat_template` renders messages holding `{"type": "image"}` through the LLM tokenizer's chat
+      template, the image becoming the placeholder.
     - Optional `qformer_tokenizer` (BERT WordPiece + `[DEC]`): `qformer_text` -> `qformer_input_ids` /
       `qformer_attention_mask`, right-padded.
 
     Args:
-        image_processor: A BLIP image processor (`blip2_image_processor()` builds the BLIP-2 one).
+        image_processor: Any transformers image processor (`blip2_image_processor()` builds the BLIP-2 one).
         tokenizer: The LLM tokenizer; `<image>` is added as a special token if missing (resize the LLM's
             embeddings after adding it).
         num_query_tokens: Image tokens per prompt; must equal the model's `num_query_tokens`.
@@ -229,6 +237,50 @@ class Blip2ImageTextProcessor(ProcessorMixin):
         self._qformer_tokenizer = qformer_tokenizer
         super().__init__(image_processor, tokenizer, **kwargs)
 
+    @classmethod
+    def from_unimodal_pretrained(
+        cls,
+        vision_model_name_or_path: str | os.PathLike,
+        language_model_name_or_path: str | os.PathLike,
+        qformer_name_or_path: str | os.PathLike | None = None,
+        num_query_tokens: int = 32,
+        *,
+        image_processor_kwargs: dict[str, Any] | None = None,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        qformer_tokenizer_kwargs: dict[str, Any] | None = None,
+    ) -> Blip2ImageTextProcessor:
+        """The processor of a BLIP-2 composed from unimodal checkpoints
+        (`Blip2ForConditionalGeneration.from_unimodal_pretrained` with the same paths).
+
+        - Image processor: the vision checkpoint's own (`AutoImageProcessor`), so images are prepared as its encoder
+          saw them in training. transformers picks its PIL implementation unless torchvision is installed;
+          `image_processor_kwargs={"backend": "pil"}` pins it.
+        - Tokenizer: the LLM's (`AutoTokenizer`), with `<image>` added as a special token if missing, which gives the
+          id the model composed from the same folder takes as `image_token_index`.
+        - Q-Former tokenizer: the BERT tokenizer of `qformer_name_or_path` with `[DEC]` added, if given.
+
+        Args:
+            vision_model_name_or_path: Vision checkpoint (folder or Hub id) holding its image processor config.
+            language_model_name_or_path: LLM checkpoint holding its tokenizer.
+            qformer_name_or_path: BERT checkpoint the Q-Former starts from, or None (no Q-Former tokenizer).
+            num_query_tokens: Image tokens per prompt (the model's `num_query_tokens`).
+            image_processor_kwargs, tokenizer_kwargs, qformer_tokenizer_kwargs: Passed to the respective
+                `from_pretrained` (e.g. `revision=`, or `gguf_file=` for an LLM stored as GGUF).
+        """
+        check_local_checkpoint(
+            vision_model_name_or_path,
+            f"{cls.__name__}.from_unimodal_pretrained (the vision model's image processor)",
+            ("preprocessor_config.json", "processor_config.json"),
+        )
+        image_processor = AutoImageProcessor.from_pretrained(
+            vision_model_name_or_path, **(image_processor_kwargs or {})
+        )
+        tokenizer = AutoTokenizer.from_pretrained(language_model_name_or_path, **(tokenizer_kwargs or {}))
+        qformer_tokenizer = None
+        if qformer_name_or_path is not None:
+            qformer_tokenizer = load_qformer_tokenizer(qformer_name_or_path, **(qformer_tokenizer_kwargs or {}))
+        return cls(image_processor, tokenizer, num_query_tokens=num_query_tokens, qformer_tokenizer=qformer_tokenizer)
+
     @property
     def qformer_tokenizer(self) -> Any:
         """The Q-Former's BERT tokenizer (with `[DEC]`), or None."""
@@ -250,7 +302,9 @@ class Blip2ImageTextProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        names = ["pixel_values", "input_ids", "attention_mask"]
+        # Some image processors give more than pixel_values (SigLIP2: pixel_attention_mask, spatial_shapes).
+        image_names = list(getattr(self.image_processor, "model_input_names", None) or ["pixel_values"])
+        names = image_names + ["input_ids", "attention_mask"]
         return names + (["qformer_input_ids", "qformer_attention_mask"] if self.qformer_tokenizer is not None else [])
 
     def __call__(
@@ -265,14 +319,17 @@ class Blip2ImageTextProcessor(ProcessorMixin):
         qformer_max_length: int = 32,
         return_tensors: str | None = "pt",
         timeout: float | None = 10.0,
+        add_special_tokens: bool = True,
         **kwargs: Any,
     ) -> BatchFeature:
         """Processes a batch.
 
         Args:
             images: One image or a list (PIL, numpy, torch, path, URL).
-            text: One prompt or a list, as many as images. With images and no text, every image gets an empty
-                prompt (the tokenizer's BOS, if it adds one): the captioning input.
+            text: One prompt or a list, as many as images. A prompt may hold one `<image>` placeholder where the
+                image goes (expanded there to `num_query_tokens` tokens, also without `images`); prompts without
+                one get the image tokens first when images are given. With images and no text, every image gets an
+                empty prompt (the tokenizer's BOS, if it adds one): the captioning input.
             qformer_text: Text for the Q-Former (e.g. the question), needs `qformer_tokenizer`.
             for_training: Right padding and `labels` (prompt ids, -100 on image tokens, BOS and padding). Otherwise
                 left padding, as batched generation needs.
@@ -281,6 +338,9 @@ class Blip2ImageTextProcessor(ProcessorMixin):
             max_length: Longest row including the `num_query_tokens` image tokens.
             qformer_max_length: Longest Q-Former text (32 in the paper).
             return_tensors: `"pt"` (default) or None for lists.
+            add_special_tokens: Let the LLM tokenizer add its special tokens (BOS ...); `apply_chat_template` turns
+                it off, as the chat template writes them.
+            kwargs: Passed to the image processor.
         """
         if images is None and text is None and qformer_text is None:
             raise ValueError("expected images, text or both; got neither")
@@ -298,11 +358,12 @@ class Blip2ImageTextProcessor(ProcessorMixin):
             data.update(
                 self._encode_prompts(
                     texts,
-                    with_image_tokens=pil_images is not None,
+                    with_images=pil_images is not None,
                     for_training=for_training,
                     padding=padding,
                     truncation=truncation,
                     max_length=max_length,
+                    add_special_tokens=add_special_tokens,
                 )
             )
         if qformer_text is not None:
@@ -312,70 +373,262 @@ class Blip2ImageTextProcessor(ProcessorMixin):
     def _encode_prompts(
         self,
         texts: list[str],
-        with_image_tokens: bool,
+        with_images: bool,
         for_training: bool,
         padding: bool | str,
         truncation: bool | None,
         max_length: int | None,
+        add_special_tokens: bool = True,
     ) -> dict[str, list[list[int]]]:
-        num_image_tokens = 0
-        if with_image_tokens:
+        placeholders = [self._count_placeholder(text, index) for index, text in enumerate(texts)]
+        num_queries = 0
+        if with_images or any(placeholders):
             if self.num_query_tokens is None:
                 raise ValueError("num_query_tokens is not set: the processor cannot place the image tokens")
-            num_image_tokens = self.num_query_tokens
-        text_max_length = None
-        if max_length is not None:
-            if max_length <= num_image_tokens:
-                raise ValueError(
-                    f"max_length ({max_length}) must exceed the {num_image_tokens} image tokens of every prompt"
-                )
-            text_max_length = max_length - num_image_tokens
+            num_queries = self.num_query_tokens
+        if max_length is not None and max_length <= num_queries:
+            raise ValueError(f"max_length ({max_length}) must exceed the {num_queries} image tokens of every prompt")
         if truncation is None:
             truncation = max_length is not None
-        encoded = self.tokenizer(
-            texts, truncation=truncation, max_length=text_max_length, padding=False, add_special_tokens=True
+        token_rows = self._tokenize_prompts(
+            texts, placeholders, with_images, num_queries, truncation, max_length, add_special_tokens
         )
-        image_ids = [self.image_token_id] * num_image_tokens
-        rows = [image_ids + list(ids) for ids in encoded["input_ids"]]
-        if padding == "max_length":
-            if max_length is None:
-                raise ValueError('padding="max_length" needs max_length')
-            width = max_length
-        elif padding in (True, "longest"):
-            width = max(len(row) for row in rows)
-        elif padding in (False, "do_not_pad"):
-            if len({len(row) for row in rows}) > 1:
-                raise ValueError("prompts of different lengths need padding (padding=True)")
-            width = len(rows[0])
-        else:
-            raise ValueError(f'padding must be True, "longest", "max_length" or False, got {padding!r}')
+        image_id = self.image_token_id
+        rows: list[list[int]] = []
+        image_starts: list[int | None] = []  # where each row's block of image tokens begins (None: no image)
+        for index, ids in enumerate(token_rows):
+            if placeholders[index]:
+                found = ids.count(image_id)
+                if found != 1:
+                    cause = (
+                        f"truncation to max_length={max_length} cut it off; raise max_length or put the image earlier"
+                        if truncation and found == 0
+                        else f"the tokenizer does not keep {self.image_token} as one token"
+                    )
+                    raise ValueError(
+                        f"text[{index}] holds the {self.image_token} placeholder but its token ids hold {found} image "
+                        f"tokens (id {image_id}): {cause}"
+                    )
+                start = ids.index(image_id)
+                rows.append(ids[:start] + [image_id] * num_queries + ids[start + 1 :])
+                image_starts.append(start)
+            elif with_images:
+                rows.append([image_id] * num_queries + ids)
+                image_starts.append(0)
+            else:
+                rows.append(ids)
+                image_starts.append(None)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        width = _padded_width(rows, padding, max_length)
         result: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": []}
         if for_training:
             result["labels"] = []
-        for row in rows:
+        for row, start in zip(rows, image_starts, strict=True):
             fill = width - len(row)
             # Right padding for training (labels line up with the text), left padding for generation.
-            padded, mask = (
-                (row + [pad_id] * fill, [1] * len(row) + [0] * fill)
-                if for_training
-                else (
-                    [pad_id] * fill + row,
-                    [0] * fill + [1] * len(row),
-                )
-            )
-            result["input_ids"].append(padded)
-            result["attention_mask"].append(mask)
             if for_training:
-                # Labels by position, never by pad id (the pad id may be the EOS the model must learn).
-                text_labels = row[num_image_tokens:]
-                if text_labels and text_labels[0] == self.tokenizer.bos_token_id:
-                    text_labels = [IGNORE_INDEX] + text_labels[1:]  # BOS is given, not predicted
-                labels = [IGNORE_INDEX] * num_image_tokens + text_labels + [IGNORE_INDEX] * fill
-                result["labels"].append(labels)
+                result["input_ids"].append(row + [pad_id] * fill)
+                result["attention_mask"].append([1] * len(row) + [0] * fill)
+                result["labels"].append(self._labels(row, start, num_queries) + [IGNORE_INDEX] * fill)
+            else:
+                result["input_ids"].append([pad_id] * fill + row)
+                result["attention_mask"].append([0] * fill + [1] * len(row))
         return result
+
+    def _count_placeholder(self, text: str, index: int) -> bool:
+        count = text.count(self.image_token)
+        if count > 1:
+            raise ValueError(
+                f"text[{index}] holds {count} {self.image_token} placeholders; a BLIP-2 prompt takes one image (its "
+                "num_query_tokens query outputs), so mark at most one place per prompt"
+            )
+        return count == 1
+
+    def _tokenize_prompts(
+        self,
+        texts: list[str],
+        placeholders: list[bool],
+        with_images: bool,
+        num_queries: int,
+        truncation: bool,
+        max_length: int | None,
+        add_special_tokens: bool,
+    ) -> list[list[int]]:
+        """Token ids of each text, truncated so that the row fits `max_length` once its image tokens are in."""
+
+        def text_budget(has_placeholder: bool) -> int | None:
+            if max_length is None:
+                return None
+            if has_placeholder:  # the placeholder is one of the ids and becomes num_queries of them
+                return max_length - num_queries + 1
+            return max_length - num_queries if with_images else max_length
+
+        groups: dict[int | None, list[int]] = {}
+        for index, has_placeholder in enumerate(placeholders):
+            groups.setdefault(text_budget(has_placeholder), []).append(index)
+        token_rows: list[list[int]] = [[] for _ in texts]
+        for budget, indices in groups.items():
+            encoded = self.tokenizer(
+                [texts[index] for index in indices],
+                truncation=truncation,
+                max_length=budget,
+                padding=False,
+                add_special_tokens=add_special_tokens,
+            )
+            for index, ids in zip(indices, encoded["input_ids"], strict=True):
+                token_rows[index] = list(ids)
+        return token_rows
+
+    def _labels(self, row: list[int], image_start: int | None, num_queries: int) -> list[int]:
+        """LM labels of one unpadded row, by position (never by pad id: the pad id may be the EOS to learn)."""
+        labels = list(row)
+        first_text = 0
+        if image_start is not None:
+            labels[image_start : image_start + num_queries] = [IGNORE_INDEX] * num_queries
+            first_text = num_queries if image_start == 0 else 0
+        if first_text < len(row) and row[first_text] == self.tokenizer.bos_token_id:
+            labels[first_text] = IGNORE_INDEX  # BOS is given, not predicted
+        return labels
+
+    # -- chat ---------------------------------------------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        chat_template: str | None = None,
+        tools: list[Any] | None = None,
+        documents: list[dict[str, str]] | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = False,
+        return_tensors: str | None = "pt",
+        return_dict: bool = False,
+        return_assistant_tokens_mask: bool = False,
+        processor_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> str | list[str] | BatchFeature | Any:
+        """Renders chat messages with the LLM tokenizer's chat template, the image where the messages put it.
+
+        `conversation` is a list of `{"role": ..., "content": ...}` messages, or a list of such lists (a batch). A
+        content is a string or a list of parts, `{"type": "text", "text": ...}` and at most one `{"type": "image"}`
+        per conversation; the image part may carry the image as `"image"`, `"url"` or `"path"` (an OpenAI
+        `{"type": "image_url", "image_url": {"url": ...}}` part works too). Each content list is joined into one
+        string, the image part becoming the `<image>` placeholder, so any text chat template renders it. With
+        `tokenize=True` the placeholder expands to `num_query_tokens` image tokens where it stands; the other ids
+        are those of `tokenizer.apply_chat_template` (no special tokens are added beyond the template's own).
+
+        Args:
+            conversation: The messages (or a batch of conversations).
+            chat_template: A Jinja template (or the name of one of the tokenizer's templates) to use instead of the
+                processor's `chat_template` or, without one, the tokenizer's.
+            tools, documents, add_generation_prompt, continue_final_message: As for `tokenizer.apply_chat_template`.
+            tokenize: Return token ids instead of the rendered text.
+            return_tensors: `"pt"` (default) or None for lists, with `tokenize=True`.
+            return_dict: With `tokenize=True`, return the whole `BatchFeature` (`pixel_values` when the messages
+                carry images or `images=` is given, `input_ids`, `attention_mask`), ready for `model.generate`.
+            return_assistant_tokens_mask: Not supported (raises).
+            processor_kwargs: Arguments for `__call__` (`images`, `padding`, `max_length`, `for_training` ...).
+            kwargs: Arguments of `__call__` go to it; the others are template variables.
+
+        Returns the rendered text (a list for a batch), or with `tokenize=True` the `input_ids` or the `BatchFeature`.
+        """
+        if return_assistant_tokens_mask:
+            raise ValueError("return_assistant_tokens_mask is not supported by Blip2ImageTextProcessor")
+        call_parameters = set(inspect.signature(self.__call__).parameters) - {"text", "return_tensors", "kwargs"}
+        call_kwargs = {"add_special_tokens": False, **(processor_kwargs or {})}
+        call_kwargs.update({key: value for key, value in kwargs.items() if key in call_parameters})
+        template_kwargs = {key: value for key, value in kwargs.items() if key not in call_parameters}
+        conversations, batched = _as_conversations(conversation)
+        flat_conversations, carried_images = [], []
+        for index, messages in enumerate(conversations):
+            flat, images = self._flatten_messages(messages, index)
+            flat_conversations.append(flat)
+            carried_images.append(images)
+        prompts = self.tokenizer.apply_chat_template(
+            flat_conversations,
+            chat_template=self._chat_template(chat_template),
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+            **template_kwargs,
+        )
+        for index, prompt in enumerate(prompts):
+            if prompt.count(self.image_token) > 1:
+                raise ValueError(
+                    f"conversation {index} holds {prompt.count(self.image_token)} images ({self.image_token} "
+                    "placeholders once rendered); a BLIP-2 prompt is conditioned on one image"
+                )
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        images = self._chat_images(carried_images, call_kwargs.pop("images", None))
+        if images is not None and not batched:
+            images = images[0]
+        encoded = self(images=images, text=prompts, return_tensors=return_tensors, **call_kwargs)
+        return encoded if return_dict else encoded["input_ids"]
+
+    def _chat_template(self, chat_template: str | None) -> str | None:
+        """The template to render with: the one given, else the processor's, else None (the tokenizer's own)."""
+        if chat_template is not None:
+            return chat_template
+        own = self.chat_template.get("default") if isinstance(self.chat_template, dict) else self.chat_template
+        if own is not None:
+            return own
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"the LLM tokenizer ({type(self.tokenizer).__name__}) has no chat template and none was given: pass "
+                "chat_template= (a Jinja template), set processor.tokenizer.chat_template, or write the prompt "
+                f"yourself with one {self.image_token} where the image goes and call the processor with it"
+            )
+        return None
+
+    def _flatten_messages(
+        self, messages: Sequence[dict[str, Any]], conversation_index: int
+    ) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Messages with each content list joined into one string (image -> placeholder), and the images they
+        carry. Text chat templates concatenate `content` as a string, hence the joining."""
+        flat, images = [], []
+        for message_index, message in enumerate(messages):
+            where = f"conversation {conversation_index}, message {message_index}"
+            if not isinstance(message, dict) or "role" not in message:
+                raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {message!r}")
+            content = message.get("content")
+            if isinstance(content, (list, tuple)):
+                pieces = []
+                for part_index, part in enumerate(content):
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind == "text" and isinstance(part.get("text"), str):
+                        pieces.append(part["text"])
+                    elif kind in ("image", "image_url"):
+                        pieces.append(self.image_token)
+                        source = _image_part_source(part)
+                        if source is not None:
+                            images.append(source)
+                    else:
+                        raise ValueError(
+                            f"{where}, part {part_index}: expected {{'type': 'text', 'text': str}} or "
+                            f"{{'type': 'image'}}, got {part!r}"
+                        )
+                message = {**message, "content": "".join(pieces)}
+            flat.append(message)
+        return flat, images
+
+    @staticmethod
+    def _chat_images(carried: list[list[Any]], given: Any) -> list[Any] | None:
+        """One image per conversation from the messages, or the `images=` argument; None when neither has any."""
+        if not any(carried):
+            return None if given is None else (list(given) if isinstance(given, (list, tuple)) else [given])
+        if given is not None:
+            raise ValueError("images were given both inside the messages and as images=; pass them one way")
+        missing = [index for index, images in enumerate(carried) if not images]
+        if missing:
+            raise ValueError(
+                f"conversation {missing[0]} carries no image while others do: give every conversation of a batch "
+                "its image (or pass all of them as images=)"
+            )
+        return [images[0] for images in carried]
 
     def _encode_qformer_text(self, qformer_text: str | Sequence[str], max_length: int, num_images: int) -> dict:
         if self.qformer_tokenizer is None:
@@ -488,3 +741,43 @@ def _as_text_list(text: str | Sequence[str], name: str) -> list[str]:
                 )
         return list(text)
     raise ValueError(f"{name} must be a string or a list of strings, got {type(text).__name__}")
+
+
+def _padded_width(rows: list[list[int]], padding: bool | str, max_length: int | None) -> int:
+    if padding == "max_length":
+        if max_length is None:
+            raise ValueError('padding="max_length" needs max_length')
+        return max_length
+    if padding in (True, "longest"):
+        return max(len(row) for row in rows)
+    if padding in (False, "do_not_pad"):
+        if len({len(row) for row in rows}) > 1:
+            raise ValueError("prompts of different lengths need padding (padding=True)")
+        return len(rows[0])
+    raise ValueError(f'padding must be True, "longest", "max_length" or False, got {padding!r}')
+
+
+def _as_conversations(conversation: Any) -> tuple[list[Sequence[dict[str, Any]]], bool]:
+    """(list of conversations, whether a batch was given)."""
+    if isinstance(conversation, (list, tuple)) and conversation:
+        if all(isinstance(item, (list, tuple)) for item in conversation):
+            if not all(conversation):
+                raise ValueError("every conversation of a batch needs at least one message")
+            return list(conversation), True
+        if all(isinstance(item, dict) for item in conversation):
+            return [conversation], False
+    raise ValueError(
+        "conversation must be a non-empty list of messages ({'role': ..., 'content': ...}) or a list of such lists, "
+        f"got {type(conversation).__name__}"
+    )
+
+
+def _image_part_source(part: dict[str, Any]) -> Any:
+    """The image an image part carries (transformers' keys, or an OpenAI `image_url`), or None (a bare marker)."""
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        return url.get("url") if isinstance(url, dict) else url
+    for key in ("image", "url", "path"):
+        if part.get(key) is not None:
+            return part[key]
+    return None

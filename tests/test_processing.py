@@ -216,3 +216,84 @@ def test_a_text_list_holding_a_non_string_names_the_index(processor, text, index
         processor(images=images, text=text)
     with pytest.raises(ValueError, match=rf"text\[{index}\] must be a string"):
         processor(text=text)
+
+
+# -- issue 12: an <image> placeholder in the prompt -------------------------------------------------------------------
+PLACED = "question : <image> what is this ? answer :"
+
+
+def test_a_placeholder_in_the_text_expands_in_place(processor) -> None:
+    image = Image.new("RGB", (8, 8))
+    image_id = processor.image_token_id
+    before, after = (processor.tokenizer(part, add_special_tokens=False).input_ids for part in PLACED.split("<image>"))
+    bos = [processor.tokenizer.bos_token_id]
+    encoded = processor(images=image, text=PLACED)
+    assert encoded.input_ids[0].tolist() == bos + before + [image_id] * QUERIES + after  # not prefixed as well
+    # Without images too (pixel_values may come separately), and mixed with a prompt that has no placeholder.
+    assert torch.equal(processor(text=PLACED).input_ids, encoded.input_ids)
+    mixed = processor(images=[image, image], text=[PLACED, "a photo of"])
+    assert [int((row == image_id).sum()) for row in mixed.input_ids] == [QUERIES, QUERIES]
+    assert mixed.input_ids[1, -QUERIES - 4 : -4].tolist() == [image_id] * QUERIES  # the other: image, BOS, text
+    training = processor(images=[image, image], text=[PLACED, "a photo of"], for_training=True)
+    labels, ids = training.labels[0], training.input_ids[0]
+    start = 1 + len(before)
+    assert (labels[start : start + QUERIES] == -100).all() and labels[0] == -100  # image tokens and BOS
+    real = training.attention_mask[0].bool()
+    real[0], real[start : start + QUERIES] = False, False
+    assert torch.equal(labels[real], ids[real])
+
+
+def test_placeholder_errors_are_clear(processor) -> None:
+    image = Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match=r"text\[1\] holds 2 <image> placeholders"):
+        processor(images=[image, image], text=["a", "<image> a <image>"])
+    # max_length counts the expanded block: a placeholder late in a long prompt would be cut off.
+    with pytest.raises(ValueError, match=r"text\[0\] holds the <image> placeholder .* truncation to max_length=8"):
+        processor(images=image, text="a photo of a cat on the left <image>", max_length=QUERIES + 4)
+    fits = processor(images=image, text="<image> a photo of a cat on the left", max_length=QUERIES + 4)
+    assert fits.input_ids.shape == (1, QUERIES + 4)
+    assert int((fits.input_ids == processor.image_token_id).sum()) == QUERIES
+
+
+def test_an_image_block_inside_the_prompt_drives_the_model(processor) -> None:
+    """The model takes the image tokens where the prompt has them: the same as writing the soft prompts into the
+    LLM's input embeddings at those positions by hand."""
+    model = tiny_checkpoint_parts()[0]
+    images = [Image.new("RGB", (8, 8), (0, 120, 255)), Image.new("RGB", (8, 8), (200, 10, 0))]
+    inputs = processor(images=images, text=[PLACED, "a photo of <image> on the left"])
+    image_mask = inputs.input_ids == processor.image_token_id
+    assert not image_mask[:, :2].any()  # the blocks are inside the prompts, not at their starts
+    with torch.no_grad():
+        soft_prompts = model.encode_images(inputs.pixel_values).language_model_inputs
+        embeddings = model.get_input_embeddings()(inputs.input_ids)
+        embeddings[image_mask] = soft_prompts.reshape(-1, soft_prompts.shape[-1])
+        expected = model.language_model(inputs_embeds=embeddings, attention_mask=inputs.attention_mask).logits
+        assert torch.allclose(model(**inputs).logits, expected, atol=1e-5)
+        options = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "num_beams": 1}
+        by_hand = model.language_model.generate(
+            inputs_embeds=embeddings, attention_mask=inputs.attention_mask, **options
+        )
+        generated = model.generate(**inputs, **options)
+    assert torch.equal(generated[:, : inputs.input_ids.shape[1]], inputs.input_ids)
+    assert torch.equal(generated[:, inputs.input_ids.shape[1] :], by_hand)
+
+
+def test_transformers_image_text_to_text_pipeline_takes_a_chat() -> None:
+    """transformers' pipeline renders a chat through `processor.apply_chat_template` (tokenize=True, return_dict)."""
+    from transformers import pipeline
+
+    model, processor = tiny_checkpoint_parts()
+    processor.tokenizer.chat_template = (
+        "{% for message in messages %}{{ 'question : ' + message['content'] + ' \\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'answer :' }}{% endif %}"
+    )
+    image = Image.new("RGB", (8, 8), (0, 120, 255))
+    chat = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is this ?"}]}
+    ]
+    options = {"max_new_tokens": 3, "min_new_tokens": 3}
+    answer = pipeline("image-text-to-text", model=model, processor=processor)(text=chat, **options)
+    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    new_tokens = model.generate(**inputs, **options)[:, inputs.input_ids.shape[1] :]
+    reply = answer[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and reply["content"].strip() == processor.decode(new_tokens[0]).strip()

@@ -14,6 +14,9 @@ from transformers.configuration_utils import SubConfigSpec
 from .checkpoint_io import check_local_checkpoint
 
 VISION_ARCHITECTURES = ("eva", "clip")
+# transformers' names (LLaVA): "full" keeps every token of the chosen layer, "default" drops the class token (and any
+# other tokens before the patch tokens, e.g. DINOv2's registers).
+VISION_FEATURE_SELECT_STRATEGIES = ("full", "default")
 # Width of EVA ViT-g, the encoder of every official checkpoint: the cross-attention width of a stand-alone Q-Former
 # whose config does not say otherwise (the stock default, which stock configs therefore never write out).
 DEFAULT_ENCODER_HIDDEN_SIZE = 1408
@@ -194,9 +197,13 @@ class Blip2Config(_ReadsOfficialConfigs, PreTrainedConfig):
     """Configuration of a BLIP-2 model: vision encoder, Q-Former, query tokens and (optionally used) LLM.
 
     Args:
-        vision_config: A `Blip2VisionConfig` or its dict.
-        qformer_config: A `Blip2QFormerConfig` or its dict. Its `encoder_hidden_size` is filled in from the vision
-            width when unset; a value that disagrees with the vision width is an error.
+        vision_config: The frozen image encoder: a `Blip2VisionConfig` (our EVA / CLIP ViT, the official
+            checkpoints' encoder) or its dict, or the config of any transformers vision model (a config object, or a
+            dict with its `model_type`: `clip_vision_model`, `siglip_vision_model`, `siglip2_vision_model`, `dinov2`,
+            `vit`, `convnext` ...), as `LlavaConfig` takes it. A dual encoder's config (`clip`, `siglip`) gives its
+            vision tower's.
+        qformer_config: A `Blip2QFormerConfig` or its dict. Its `encoder_hidden_size` is filled in from the width
+            of the image features when unset; a value that disagrees with that width is an error.
         text_config: Config (or dict with a `model_type`) of the LLM, resolved through `AutoConfig`
             (OPT, Llama-family, T5 ...). Defaults to OPT.
         num_query_tokens: Number of learned queries (32 in the paper).
@@ -206,6 +213,11 @@ class Blip2Config(_ReadsOfficialConfigs, PreTrainedConfig):
         initializer_range: Standard deviation for the weights owned by the composite model (projection, heads).
         tie_word_embeddings: Tie the Q-Former LM head (ITG) decoder to the Q-Former word embeddings, as BERT and
             LAVIS do (stage-1 models). The LLM's own tying follows its `text_config`.
+        vision_feature_layer: Hidden state of the image encoder the Q-Former reads (transformers' indexing of
+            `hidden_states`: 0 is the embedding output, -1 the last layer's output, -2 the second-last, which the
+            paper uses). A convolutional encoder's `(B, C, H, W)` map of that stage becomes `H * W` tokens.
+        vision_feature_select_strategy: `"full"` keeps every token, `"default"` drops the class token (and the other
+            tokens before the patch tokens).
     """
 
     model_type = "modeling_blip2"
@@ -228,25 +240,43 @@ class Blip2Config(_ReadsOfficialConfigs, PreTrainedConfig):
     initializer_factor: float = 1.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    vision_feature_layer: int = -1
+    vision_feature_select_strategy: str = "full"
 
     def __post_init__(self, **kwargs: Any) -> None:
         # Derived from the LLM below; stock configs store them.
         kwargs.pop("use_decoder_only_language_model", None)
-        self.vision_config = _without_model_type(self.vision_config, Blip2VisionConfig)
+        self.vision_config = resolve_vision_config(self.vision_config)
         self.qformer_config = _without_model_type(self.qformer_config, Blip2QFormerConfig)
         super().__post_init__(**kwargs)
-        vision_width = self.vision_config.hidden_size
+        if self.vision_feature_select_strategy not in VISION_FEATURE_SELECT_STRATEGIES:
+            raise ValueError(
+                f"vision_feature_select_strategy must be one of {VISION_FEATURE_SELECT_STRATEGIES}, got "
+                f"{self.vision_feature_select_strategy!r}"
+            )
+        vision_width = vision_feature_width(self.vision_config, self.vision_feature_layer)
         if self.qformer_config.encoder_hidden_size is None:
             self.qformer_config.encoder_hidden_size = vision_width
         elif self.qformer_config.encoder_hidden_size != vision_width:
             raise ValueError(
                 f"qformer_config.encoder_hidden_size ({self.qformer_config.encoder_hidden_size}) must equal the "
-                f"vision width vision_config.hidden_size ({vision_width}): the Q-Former cross-attends to them"
+                f"width of the image features ({vision_width}, vision_config at vision_feature_layer "
+                f"{self.vision_feature_layer}): the Q-Former cross-attends to them"
             )
         if self.num_query_tokens < 1:
             raise ValueError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
         check_image_token_index(self.image_token_index, getattr(self.text_config, "vocab_size", None))
         self.is_encoder_decoder = bool(self.text_config.is_encoder_decoder)
+
+    @property
+    def has_own_vision_encoder(self) -> bool:
+        """True for this package's EVA / CLIP encoder (`Blip2VisionConfig`), False for another transformers model."""
+        return isinstance(self.vision_config, Blip2VisionConfig)
+
+    @property
+    def vision_feature_size(self) -> int:
+        """Width of the image features the Q-Former reads (`qformer_config.encoder_hidden_size`)."""
+        return self.qformer_config.encoder_hidden_size
 
     @property
     def use_decoder_only_language_model(self) -> bool:
@@ -276,6 +306,64 @@ def check_image_token_index(image_token_index: int | None, vocab_size: int | Non
             "the LLM's embeddings (language_model.resize_token_embeddings(len(tokenizer))) before building the "
             "config, or set image_token_index to the tokenizer's <image> id"
         )
+
+
+def resolve_vision_config(vision_config: Any) -> Any:
+    """The image encoder's config: ours (kept a dict without `model_type`, for the sub-config machinery) or any
+    transformers vision model's config object; a dual encoder's config gives its vision tower's."""
+    if vision_config is None or isinstance(vision_config, Blip2VisionConfig):
+        return vision_config
+    if isinstance(vision_config, dict):
+        model_type = vision_config.get("model_type")
+        if model_type is None or model_type in (Blip2VisionConfig.model_type, Blip2VisionConfig.official_model_type):
+            return _without_model_type(vision_config, Blip2VisionConfig)
+        fields = {key: value for key, value in vision_config.items() if key != "model_type"}
+        try:
+            vision_config = AutoConfig.for_model(model_type, **fields)
+        except ValueError as error:
+            raise ValueError(
+                f"vision_config has model_type {model_type!r}, which this transformers version does not know: "
+                "expected the config of a transformers vision model (e.g. clip_vision_model, siglip_vision_model, "
+                "dinov2, vit, convnext) or of BLIP-2's own encoder"
+            ) from error
+    elif not isinstance(vision_config, PreTrainedConfig):
+        raise TypeError(f"vision_config must be a config or a dict, got {type(vision_config).__name__}")
+    if vision_config.model_type == Blip2VisionConfig.official_model_type:  # the stock class, by value
+        return _without_model_type(vision_config, Blip2VisionConfig)
+    tower = getattr(vision_config, "vision_config", None)
+    if isinstance(tower, PreTrainedConfig):  # a dual encoder (CLIP, SigLIP ...): its vision tower
+        vision_config = tower
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    model_class = MODEL_MAPPING.get(type(vision_config), None)
+    if model_class is None or getattr(model_class, "main_input_name", None) != "pixel_values":
+        found = "no transformers model class" if model_class is None else f"{model_class.__name__}, which does not"
+        raise ValueError(
+            f"vision_config of model_type {vision_config.model_type!r} has {found} read images (pixel_values): "
+            "expected the config of a vision model (clip_vision_model, siglip_vision_model, dinov2, vit, convnext "
+            "...) or of BLIP-2's own encoder"
+        )
+    return vision_config
+
+
+def vision_feature_width(vision_config: Any, feature_layer: int) -> int:
+    """Channels of the image features at `feature_layer` (for convolutional encoders, of that stage's map)."""
+    hidden_sizes = getattr(vision_config, "hidden_sizes", None)
+    num_states = (len(hidden_sizes) if hidden_sizes else _num_layers(vision_config)) + 1  # embeddings + layers
+    if num_states > 1 and not -num_states <= feature_layer < num_states:
+        raise ValueError(
+            f"vision_feature_layer ({feature_layer}) is outside the encoder's {num_states} hidden states "
+            f"(-{num_states}..{num_states - 1}: 0 is the embedding output, -1 the last layer)"
+        )
+    if not hidden_sizes:
+        return vision_config.hidden_size
+    index = feature_layer % num_states
+    return hidden_sizes[max(index - 1, 0)]  # the stem's output has the first stage's width
+
+
+def _num_layers(vision_config: Any) -> int:
+    layers = getattr(vision_config, "num_hidden_layers", None)
+    return int(layers) if isinstance(layers, int) else 0
 
 
 def _without_model_type(sub_config: Any, config_class: type[PreTrainedConfig]) -> Any:

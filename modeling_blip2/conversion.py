@@ -51,7 +51,7 @@ SAFETENSORS_METADATA = {"format": "pt"}
 # Vision config fields of this package that the stock `Blip2VisionConfig` does not have.
 OWN_VISION_FIELDS = ("post_layernorm_eps", "vision_architecture", "num_channels")
 # Top-level config fields that only make sense with this package's remote code.
-OWN_TOP_LEVEL_FIELDS = ("auto_map", "custom_pipelines")
+OWN_TOP_LEVEL_FIELDS = ("auto_map", "custom_pipelines", "vision_feature_layer", "vision_feature_select_strategy")
 # Our architectures -> the stock class that holds the same weights (less the stage-1-only ones).
 STOCK_ARCHITECTURES = {
     "Blip2ForConditionalGeneration": ("Blip2ForConditionalGeneration", "conditional_generation"),
@@ -714,6 +714,18 @@ def _read_json(path: Path) -> Any:
 
 def stock_config_dict(config: Blip2Config, allow_post_layernorm_eps_change: bool = False) -> dict[str, Any]:
     """`config` as a stock transformers `blip-2` config dict; refuses what the stock classes cannot represent."""
+    if not config.has_own_vision_encoder:
+        raise ValueError(
+            f"the stock transformers BLIP-2 has only its EVA ViT as image encoder; this checkpoint's is a "
+            f"{type(config.vision_config).__name__} (model_type {config.vision_config.model_type!r}), which it "
+            "cannot represent: keep it in this package's layout (remote code)"
+        )
+    if (config.vision_feature_layer, config.vision_feature_select_strategy) != (-1, "full"):
+        raise ValueError(
+            "the stock transformers BLIP-2 reads every token of the image encoder's last layer; this checkpoint "
+            f"reads vision_feature_layer={config.vision_feature_layer} with "
+            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}, which it cannot represent"
+        )
     vision = config.vision_config
     if vision.vision_architecture != "eva":
         raise ValueError(

@@ -19,8 +19,8 @@ from .modeling import (
     QFORMER_TEXT_EMBEDDINGS_PATTERN,
     Blip2PreTrainedModel,
     Blip2QFormerModel,
-    Blip2VisionModel,
     _wants_dict,
+    build_vision_model,
 )
 from .qformer import Blip2TextEmbeddings
 
@@ -134,7 +134,7 @@ class Blip2VisionModelWithProjection(Blip2PreTrainedModel):
     def __init__(self, config: Blip2Config) -> None:
         super().__init__(config)
         hidden = config.qformer_config.hidden_size
-        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.vision_model = build_vision_model(config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, hidden))
         self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
         self.vision_projection = nn.Linear(hidden, config.image_text_hidden_size)

@@ -53,7 +53,7 @@ _MLM_HEAD = "cls.predictions."
 # Target keys no BERT weight maps to; anything else left unfilled means the model has a layout we do not know.
 _NEVER_FROM_BERT = re.compile(
     r"query_tokens|temp|vision_model\..+|qformer\.encoder\.layer\.\d+\.crossattention\..+"
-    r"|(vision_projection|text_projection|itm_head)\..+"
+    r"|(vision_projection|text_projection|itm_head|language_projection|language_model)\..+"
 )
 _LM_HEAD = re.compile(r"qformer_lm_head\..+")
 # Target tensors with one row per Q-Former token.
@@ -182,7 +182,7 @@ def init_qformer_from_bert(
         ValueError: The model has no Q-Former text side, BERT's dimensions disagree with the Q-Former's, or the
             tokenizer does not fit the config.
     """
-    qformer_config = _check_target(model)
+    qformer_config, text_side = _check_target(model)
     if tokenizer is not None:
         _check_tokenizer(tokenizer, qformer_config)
     bert, source = _load_bert(bert_path_or_model, allow_pickle)
@@ -190,7 +190,7 @@ def init_qformer_from_bert(
     prefix = "" if bert.base_model is bert else f"{bert.base_model_prefix}."
     source_state = bert.state_dict()
     target_state = model.state_dict()
-    plan = _plan(source_state, target_state, prefix, qformer_config)
+    plan = _plan(source_state, target_state, prefix, qformer_config, text_side)
 
     # Every check before the first write: a refused model is left as it was.
     mismatched = [
@@ -230,20 +230,22 @@ def init_qformer_from_bert(
 
 
 # -- checks ---------------------------------------------------------------------------------------------------------
-def _check_target(model: nn.Module) -> Blip2QFormerConfig:
+def _check_target(model: nn.Module) -> tuple[Blip2QFormerConfig, bool]:
+    """The model's Q-Former config, and whether it has a text side (text embeddings and text feed-forward)."""
     qformer = getattr(model, "qformer", None)
-    if qformer is None or not hasattr(model, "embeddings"):
-        raise ValueError(
-            f"{type(model).__name__} has no Q-Former text side to initialise from BERT (it needs `.qformer` and "
-            "`.embeddings`): use a stage-1 model (Blip2ForPretraining or Blip2ForImageTextRetrieval)"
-        )
+    if qformer is None:
+        raise ValueError(f"{type(model).__name__} has no Q-Former (`.qformer`) to initialise from BERT")
     config = qformer.config
-    if not config.use_qformer_text_input or not all(layer.has_text_feed_forward for layer in qformer.encoder.layer):
+    text_feed_forward = config.use_qformer_text_input and all(
+        layer.has_text_feed_forward for layer in qformer.encoder.layer
+    )
+    if hasattr(model, "embeddings") and not text_feed_forward:
         raise ValueError(
-            f"the Q-Former of {type(model).__name__} has no text feed-forward (use_qformer_text_input=False), so "
-            "BERT's feed-forward has nowhere to go: build it with qformer_config.use_qformer_text_input=True"
+            f"the Q-Former of {type(model).__name__} has text embeddings but no text feed-forward "
+            "(use_qformer_text_input=False), so BERT's feed-forward has nowhere to go: build it with "
+            "qformer_config.use_qformer_text_input=True"
         )
-    return config
+    return config, text_feed_forward and hasattr(model, "embeddings")
 
 
 def _check_is_bert(config: PreTrainedConfig) -> None:
@@ -335,8 +337,10 @@ def _plan(
     target: Mapping[str, torch.Tensor],
     prefix: str,
     qformer_config: Blip2QFormerConfig,
+    text_side: bool = True,
 ) -> dict[str, tuple[tuple[str, ...], torch.Tensor]]:
-    """Target key -> (source keys, value) for every tensor BERT fills."""
+    """Target key -> (source keys, value) for every tensor BERT fills (a Q-Former without a text side gets the
+    attention, the embedding LayerNorm and the query feed-forward)."""
     plan: dict[str, tuple[tuple[str, ...], torch.Tensor]] = {}
 
     def take(name: str) -> torch.Tensor:
@@ -349,13 +353,14 @@ def _plan(
 
     words = prefix + "embeddings.word_embeddings.weight"
     word_embeddings = _with_mean_rows(take(words), qformer_config.vocab_size)
-    plan["embeddings.word_embeddings.weight"] = ((words,), word_embeddings)
-    positions, token_types = (
-        prefix + "embeddings.position_embeddings.weight",
-        prefix + "embeddings.token_type_embeddings.weight",
-    )
-    folded = take(positions)[: qformer_config.max_position_embeddings].float() + take(token_types)[0].float()
-    plan["embeddings.position_embeddings.weight"] = ((positions, token_types), folded)
+    if text_side:
+        plan["embeddings.word_embeddings.weight"] = ((words,), word_embeddings)
+        positions, token_types = (
+            prefix + "embeddings.position_embeddings.weight",
+            prefix + "embeddings.token_type_embeddings.weight",
+        )
+        folded = take(positions)[: qformer_config.max_position_embeddings].float() + take(token_types)[0].float()
+        plan["embeddings.position_embeddings.weight"] = ((positions, token_types), folded)
     for part in ("weight", "bias"):
         same(f"qformer.layernorm.{part}", f"{prefix}embeddings.LayerNorm.{part}")
 
@@ -370,7 +375,7 @@ def _plan(
             for module in ("dense", "LayerNorm"):
                 same(f"{layer}attention.output.{module}.{part}", f"{bert_layer}attention.output.{module}.{part}")
             # The query path starts as a copy of the text path (the paper's initialisation).
-            for suffix in ("", "_query"):
+            for suffix in ("", "_query") if text_side else ("_query",):
                 same(f"{layer}intermediate{suffix}.dense.{part}", f"{bert_layer}intermediate.dense.{part}")
                 for module in ("dense", "LayerNorm"):
                     same(f"{layer}output{suffix}.{module}.{part}", f"{bert_layer}output.{module}.{part}")

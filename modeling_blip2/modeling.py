@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import boolean_to_additive_mask, padding_to_additive_mask
+from .backbones import Blip2VisionBackbone, num_patch_tokens, select_image_features
 from .checkpoint_io import atomic_save, check_local_checkpoint, pop_hub_kwargs, push_files, relative_files
 from .configuration import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, check_image_token_index
 from .model_card import DEFAULT_LICENSE, build_model_card, require_hub_token
@@ -494,6 +495,9 @@ class Blip2VisionModel(Blip2PreTrainedModel):
 
     def __init__(self, config: Blip2VisionConfig) -> None:
         super().__init__(config)
+        # Which hidden state the features are, and which of its tokens (`Blip2Config.vision_feature_layer` /
+        # `vision_feature_select_strategy`; set by `build_vision_model`): the last layer's, all tokens, by default.
+        self.feature_layer, self.select_strategy = -1, "full"
         self.embeddings = Blip2VisionEmbeddings(config)
         if config.vision_architecture == "clip":
             self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -523,10 +527,10 @@ class Blip2VisionModel(Blip2PreTrainedModel):
         output_hidden_states = bool(
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        hidden_states, all_hidden_states, all_attentions = self._encode(
+        features, all_hidden_states, all_attentions = self._encode(
             pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
         )
-        last_hidden_state = self.apply_post_layernorm(hidden_states)
+        last_hidden_state = self.apply_post_layernorm(features)
         # `capture_outputs` makes the tuple when return_dict (or config.return_dict) is False.
         return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
@@ -572,9 +576,17 @@ class Blip2VisionModel(Blip2PreTrainedModel):
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         if self.config.vision_architecture == "clip":
             hidden_states = self.pre_layernorm(hidden_states)
-        return self.encoder(
-            hidden_states, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        selects_a_layer = self.feature_layer != -1
+        hidden_states, all_hidden_states, all_attentions = self.encoder(
+            hidden_states,
+            output_hidden_states=output_hidden_states or selects_a_layer,
+            output_attentions=output_attentions,
         )
+        if selects_a_layer:
+            hidden_states = all_hidden_states[self.feature_layer]
+        num_patches = num_patch_tokens(pixel_values, self.config.patch_size)
+        features = select_image_features(hidden_states, self.select_strategy, num_patches)
+        return features, all_hidden_states if output_hidden_states else None, all_attentions
 
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> None:
         check_pixel_values(pixel_values, self.config.num_channels)
@@ -745,7 +757,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
 
     def __init__(self, config: Blip2Config) -> None:
         super().__init__(config)
-        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.vision_model = build_vision_model(config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         if config.qformer_config.use_qformer_text_input:
             self.embeddings = Blip2TextEmbeddings(config.qformer_config)
@@ -760,6 +772,31 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             self._keep_in_fp32_modules_strict.add(QFORMER_TEXT_EMBEDDINGS_PATTERN)
         # Blip2Config checks this too; a config edited after construction is caught here.
         check_image_token_index(config.image_token_index, _vocabulary_size(self.get_input_embeddings()))
+
+    @classmethod
+    def from_unimodal_pretrained(
+        cls,
+        vision_model_name_or_path: str | os.PathLike,
+        language_model_name_or_path: str | os.PathLike,
+        qformer_name_or_path: str | os.PathLike | None = None,
+        num_query_tokens: int = 32,
+        **config_overrides: Any,
+    ) -> _Blip2WithLanguageModel:
+        """BLIP-2 composed from unimodal checkpoints: any transformers vision model (or a dual encoder's vision
+        tower), any causal or encoder-decoder LLM, and a BERT for the Q-Former (random without one). The vision
+        encoder and the LLM are frozen; the Q-Former, queries, projection and post-encoder LayerNorm train. See
+        `composition.compose_from_unimodal`; `Blip2ImageTextProcessor.from_unimodal_pretrained` builds its
+        processor from the same folders."""
+        from .composition import compose_from_unimodal
+
+        return compose_from_unimodal(
+            cls,
+            vision_model_name_or_path,
+            language_model_name_or_path,
+            qformer_name_or_path,
+            num_query_tokens,
+            **config_overrides,
+        )
 
     @property
     def has_qformer_text_input(self) -> bool:
@@ -841,7 +878,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         if frozen_image_features is not None:
             if pixel_values is not None or image_embeds is not None:
                 raise ValueError("pass one of pixel_values, image_embeds and frozen_image_features")
-            check_frozen_image_features(frozen_image_features, self.config.vision_config.hidden_size)
+            check_frozen_image_features(frozen_image_features, self.config.vision_feature_size)
             image_embeds = self.vision_model.apply_post_layernorm(frozen_image_features)
         if pixel_values is None and image_embeds is None:
             raise ValueError(
@@ -860,10 +897,10 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
                 return_dict=True,
             )
             image_embeds = vision_outputs.last_hidden_state
-        elif image_embeds.dim() != 3 or image_embeds.shape[-1] != self.config.vision_config.hidden_size:
+        elif image_embeds.dim() != 3 or image_embeds.shape[-1] != self.config.vision_feature_size:
             raise ValueError(
-                "image_embeds must be (batch, tokens, vision hidden size "
-                f"{self.config.vision_config.hidden_size}), got {tuple(image_embeds.shape)}"
+                "image_embeds must be (batch, tokens, vision feature size "
+                f"{self.config.vision_feature_size}), got {tuple(image_embeds.shape)}"
             )
         batch, num_queries = image_embeds.shape[0], self.config.num_query_tokens
         outputs_wanted = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
@@ -1505,6 +1542,22 @@ def _with_generation_defaults(defaults: GenerationConfig, generate_kwargs: dict[
     generation_config = copy.deepcopy(defaults)
     remaining = generation_config.update(**generate_kwargs)
     return {"generation_config": generation_config, **remaining}
+
+
+def build_vision_model(config: Blip2Config) -> nn.Module:
+    """The image encoder of `config`: this package's `Blip2VisionModel` for a `Blip2VisionConfig` (the official
+    checkpoints' EVA / CLIP ViT), else `Blip2VisionBackbone` over the transformers model of `config.vision_config`;
+    both give the features at `config.vision_feature_layer` with the same interface."""
+    if not config.has_own_vision_encoder:
+        return Blip2VisionBackbone(
+            config.vision_config,
+            config.vision_feature_layer,
+            config.vision_feature_select_strategy,
+            config.vision_feature_size,
+        )
+    vision = Blip2VisionModel._from_config(config.vision_config)
+    vision.feature_layer, vision.select_strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    return vision
 
 
 def _runs_on_cpu(device_map: Any) -> bool:

@@ -7,6 +7,7 @@ transformers drops.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,8 @@ from .modeling import (
     Blip2ImageFeaturesOutput,
     Blip2PreTrainedModel,
     Blip2QFormerModel,
-    Blip2VisionModel,
     _wants_dict,
+    build_vision_model,
 )
 from .qformer import Blip2QFormerLMHead, Blip2TextEmbeddings
 from .vision import check_frozen_image_features
@@ -129,7 +130,7 @@ class _Blip2Stage1Model(Blip2PreTrainedModel):
             )
         super().__init__(config)
         hidden = config.qformer_config.hidden_size
-        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.vision_model = build_vision_model(config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, hidden))
         self.embeddings = Blip2TextEmbeddings(config.qformer_config)
         self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
@@ -160,7 +161,7 @@ class _Blip2Stage1Model(Blip2PreTrainedModel):
         if frozen_image_features is None:
             frozen_image_features = self.vision_model.forward_features(pixel_values, interpolate_pos_encoding)
         else:
-            check_frozen_image_features(frozen_image_features, self.config.vision_config.hidden_size)
+            check_frozen_image_features(frozen_image_features, self.config.vision_feature_size)
         return self.vision_model.apply_post_layernorm(frozen_image_features)
 
     def project_image(self, query_output: torch.Tensor) -> torch.Tensor:
@@ -359,6 +360,23 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         super()._init_weights(module)
         if module is self:
             init.constant_(self.temp, TEMPERATURE_INIT)
+
+    @classmethod
+    def from_unimodal_pretrained(
+        cls,
+        vision_model_name_or_path: str | os.PathLike,
+        qformer_name_or_path: str | os.PathLike | None = None,
+        num_query_tokens: int = 32,
+        **config_overrides: Any,
+    ) -> Blip2ForPretraining:
+        """A stage-1 model composed from a vision checkpoint (any transformers vision model, or a dual encoder's
+        vision tower; frozen but for the post-encoder LayerNorm) and a BERT for the Q-Former (random without one).
+        See `composition.compose_from_unimodal`."""
+        from .composition import compose_from_unimodal
+
+        return compose_from_unimodal(
+            cls, vision_model_name_or_path, None, qformer_name_or_path, num_query_tokens, **config_overrides
+        )
 
     def get_output_embeddings(self) -> nn.Module:
         return self.qformer_lm_head.decoder

@@ -14,8 +14,11 @@ from .model_card import require_hub_token
 # Every module a checkpoint folder needs to rebuild models, processor and pipelines (relative imports only).
 MODULE_FILES = (
     "attention.py",
+    "backbones.py",
     "checkpoint_io.py",
+    "composition.py",
     "configuration.py",
+    "initialization.py",
     "losses.py",
     "model_card.py",
     "modeling.py",

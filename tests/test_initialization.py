@@ -291,10 +291,22 @@ def test_models_without_a_qformer_text_feed_forward_are_refused() -> None:
             self.qformer = Blip2QFormerModel(config)
             self.embeddings = Blip2TextEmbeddings(config)
 
-    with pytest.raises(ValueError, match=r"no text feed-forward \(use_qformer_text_input=False\)"):
+    with pytest.raises(ValueError, match=r"text embeddings but no text feed-forward \(use_qformer_text_input=False\)"):
         init_qformer_from_bert(QueriesOnly(), _tiny_bert(num_hidden_layers=3).bert)
-    with pytest.raises(ValueError, match=r"Blip2ForConditionalGeneration has no Q-Former text side"):
-        init_qformer_from_bert(Blip2ForConditionalGeneration(Blip2Config(**config_dict())), _tiny_bert().bert)
+
+
+def test_a_query_only_qformer_gets_bert_attention_and_feed_forward() -> None:
+    """A generation model without Q-Former text input (the official layout) takes BERT's layers into the query path."""
+    bert = _tiny_bert(num_hidden_layers=3).bert
+    model = Blip2ForConditionalGeneration(Blip2Config(**config_dict()))
+    llm_before = {key: value.clone() for key, value in model.language_model.state_dict().items()}
+    report = init_qformer_from_bert(model, bert)
+    layer, source = model.qformer.encoder.layer[1], bert.encoder.layer[1]
+    assert torch.equal(layer.attention.attention.query.weight, source.attention.self.query.weight)
+    assert torch.equal(layer.intermediate_query.dense.weight, source.intermediate.dense.weight)
+    assert torch.equal(model.qformer.layernorm.weight, bert.embeddings.LayerNorm.weight)
+    assert "embeddings.word_embeddings.weight" in report.unused_source_keys
+    assert all(torch.equal(value, llm_before[key]) for key, value in model.language_model.state_dict().items())
 
 
 def test_pickle_weights_need_an_opt_in(tmp_path: Path) -> None:

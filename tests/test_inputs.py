@@ -158,14 +158,23 @@ def test_right_padded_batch_generation_is_refused(opt_model) -> None:
 def test_qformer_width_that_disagrees_with_vision_is_an_error() -> None:
     config = config_dict()
     config["qformer_config"]["encoder_hidden_size"] = 48
-    with pytest.raises(ValueError, match=r"encoder_hidden_size \(48\) must equal .*vision_config.hidden_size \(32\)"):
+    with pytest.raises(
+        ValueError, match=r"encoder_hidden_size \(48\) must equal the width of the image features \(32"
+    ):
         Blip2Config(**config)
 
 
 def test_config_of_another_sub_model_type_is_an_error() -> None:
     config = config_dict()
-    config["vision_config"]["model_type"] = "clip_vision_model"
-    with pytest.raises(ValueError, match="expected a Blip2VisionConfig dict"):
+    config["qformer_config"]["model_type"] = "bert"
+    with pytest.raises(ValueError, match="expected a Blip2QFormerConfig dict"):
+        Blip2Config(**config)
+    config = config_dict()
+    config["vision_config"]["model_type"] = "bert"  # a transformers model, but not one that reads images
+    with pytest.raises(ValueError, match="BertModel, which does not read images"):
+        Blip2Config(**config)
+    config["vision_config"]["model_type"] = "no_such_model"
+    with pytest.raises(ValueError, match="model_type 'no_such_model', which this transformers version does not know"):
         Blip2Config(**config)
 
 

@@ -141,7 +141,7 @@ class Blip2VisionModelWithProjection(Blip2PreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.vision_model.embeddings.patch_embedding
+        return self.vision_model.get_input_embeddings()
 
     def forward(
         self,

@@ -106,7 +106,7 @@ def usage_snippet(repo_id: str, config: Any, architecture: str) -> str:
             f"model = modeling_blip2.{architecture}.from_pretrained({json.dumps(repo_id)})\n"
             "```"
         )
-    image_size = config.vision_config.image_size
+    image_size = getattr(config.vision_config, "image_size", None) or 224  # any size: the processor resizes
     return (
         "```python\n"
         "import modeling_blip2  # registers the BLIP-2 classes with the transformers Auto classes\n"
@@ -134,12 +134,16 @@ def _architecture_summary(config: Any, architecture: str) -> str:
     ]
     vision = getattr(config, "vision_config", config if isinstance(config, Blip2VisionConfig) else None)
     qformer = getattr(config, "qformer_config", config if isinstance(config, Blip2QFormerConfig) else None)
-    if vision is not None:
+    if isinstance(vision, Blip2VisionConfig):
         kind = "EVA ViT" if vision.vision_architecture == "eva" else "CLIP ViT"
         lines.append(
             f"- Image encoder: {kind}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
             f"{vision.image_size}x{vision.image_size} images, patch {vision.patch_size}."
         )
+    elif vision is not None:  # another transformers vision model (issue 12)
+        name = getattr(vision, "_name_or_path", "") or vision.model_type
+        layer = getattr(config, "vision_feature_layer", -1)
+        lines.append(f"- Image encoder: {name} (`{vision.model_type}`), frozen; features of hidden state {layer}.")
     if qformer is not None:
         queries = getattr(config, "num_query_tokens", None)
         lines.append(

@@ -444,6 +444,12 @@ def zero_shot_classify_texts(
         image_processor = processor_or_tokenizer.image_processor
     else:
         tokenizer = processor_or_tokenizer
+        if not model.config.has_own_vision_encoder:
+            raise ValueError(
+                f"the model's image encoder is a {type(model.config.vision_config).__name__}, whose images need its "
+                "own image processor: pass a processor (Blip2ImageTextProcessor.from_unimodal_pretrained), not a "
+                "bare tokenizer"
+            )
         image_processor = blip2_image_processor(model.config.vision_config.image_size)
     single = not isinstance(images, (list, tuple))
     pil_images = to_rgb_images(images)

@@ -535,8 +535,8 @@ def _depth_from_top(model: nn.Module, name: str) -> int:
     config = getattr(model, "config", None)
     parts = name.split(".")
     if parts[0] == "vision_model" and config is not None:
-        levels = config.vision_config.num_hidden_layers + 1
-        if parts[1] == "encoder":
+        levels = getattr(config.vision_config, "num_hidden_layers", 0) + 1
+        if parts[1] == "encoder":  # our own encoder's layers (another family's tower is `backbone`: frozen)
             return levels - (int(parts[3]) + 1)
         return levels if parts[1] in ("embeddings", "pre_layernorm") else 0
     if config is not None and hasattr(config, "qformer_config"):
@@ -626,9 +626,8 @@ class Blip2ImageTextCollator:
         self.qformer_tokenizer = qformer_tokenizer
         self.max_length = max_length
         self.image_column, self.text_column, self.image_id_column = image_column, text_column, image_id_column
-        size = image_processor.size if isinstance(image_processor.size, int) else image_processor.size["height"]
         self.seed = seed
-        self.augmentation = RandomResizedCropFlip(int(size), rng=random.Random(seed)) if augment else None
+        self.augmentation = _augmentation(image_processor, seed) if augment else None
         self.draws_per_sample = augment
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -670,6 +669,31 @@ def _pixel_values(examples: Sequence[Mapping[str, Any]], column: str, image_proc
             image = collator.augmentation(image, sample_rng(collator.seed, example, collator.augmentation.rng))
         images.append(image)
     return image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def _augmentation(image_processor: Any, seed: int) -> RandomResizedCropFlip:
+    """The paper's augmentation, cropping to the side of the images the image processor makes."""
+    return RandomResizedCropFlip(image_input_side(image_processor), rng=random.Random(seed))
+
+
+def image_input_side(image_processor: Any) -> int:
+    """Side of the images `image_processor` hands the encoder: its crop size when it center-crops, else its `size`
+    (height, or shortest edge). Works for BLIP, CLIP, SigLIP, DINOv2 (Bit), ViT and ConvNeXt image processors."""
+    candidates = []
+    if getattr(image_processor, "do_center_crop", False):
+        candidates.append(getattr(image_processor, "crop_size", None))
+    candidates.append(getattr(image_processor, "size", None))
+    for size in candidates:
+        if isinstance(size, int):
+            return size
+        for key in ("height", "shortest_edge"):
+            value = size.get(key) if hasattr(size, "get") else None
+            if value:
+                return int(value)
+    raise ValueError(
+        f"cannot tell the image size {type(image_processor).__name__} produces (no crop_size, size height or "
+        "shortest_edge): the augmentation needs it"
+    )
 
 
 def _image_id(value: Any, index: int, column: str) -> int:
@@ -841,9 +865,7 @@ class Blip2CaptionCollator(EndTokenFromModel):
         self.prompt, self.max_length, self.prefix_lm = prompt, max_length, prefix_lm
         self.image_column, self.text_column = image_column, text_column
         self.seed, self.rng = seed, random.Random(seed)
-        size = processor.image_processor.size
-        size = size if isinstance(size, int) else size["height"]
-        self.augmentation = RandomResizedCropFlip(int(size), rng=random.Random(seed)) if augment else None
+        self.augmentation = _augmentation(processor.image_processor, seed) if augment else None
         self.draws_per_sample = augment or (prefix_lm and is_encoder_decoder)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)

@@ -362,7 +362,7 @@ def _pixel_values(model: Any, processor: Any, images: list[Any]) -> torch.Tensor
     """`(len(images), 3, H, W)` pixels on the vision encoder's device (the image processor alone: no prompts)."""
     rgb = [to_rgb_image(image) for image in images]
     pixel_values = processor.image_processor(rgb, return_tensors="pt")["pixel_values"]
-    return pixel_values.to(model.vision_model.embeddings.patch_embedding.weight.device)
+    return pixel_values.to(next(model.vision_model.parameters()).device)
 
 
 def _check_questions(questions: str | Sequence[str]) -> list[str]:

@@ -66,6 +66,27 @@ class Blip2VisionBackbone(nn.Module):
         self.post_layernorm = nn.LayerNorm(feature_size, eps=eps)
         accepted = inspect.signature(self.backbone.forward).parameters
         self._takes_interpolate_pos_encoding = "interpolate_pos_encoding" in accepted
+        self._share_loading_rules()
+
+    def _share_loading_rules(self) -> None:
+        # transformers gathers these from a model's direct children when the composite is built (`post_init`), so
+        # this plain wrapper hands its tower's on: blocks that must stay whole on one device (device_map="auto"
+        # with offload), modules kept in fp32, tied weights and keys to ignore.
+        for name in (
+            "_no_split_modules",
+            "_skip_keys_device_placement",
+            "_keep_in_fp32_modules",
+            "_keep_in_fp32_modules_strict",
+            "_keys_to_ignore_on_load_unexpected",
+            "_keys_to_ignore_on_load_missing",
+        ):
+            value = getattr(self.backbone, name, None)
+            if value:
+                setattr(self, name, set(value))
+        tied = getattr(self.backbone, "all_tied_weights_keys", None) or {}
+        self.all_tied_weights_keys = {f"backbone.{key}": f"backbone.{value}" for key, value in tied.items()}
+        ignored_on_save = getattr(self.backbone, "_keys_to_ignore_on_save", None) or []
+        self._keys_to_ignore_on_save = {f"backbone.{key}" for key in ignored_on_save}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()

@@ -143,3 +143,20 @@ def test_vqa_prediction_reuses_any_encoder(folders) -> None:
     images = [example["image"] for example in _examples()[:2]]
     answers = predict_answers(model, processor, images, ["what is it?", "is it red?", "what?"], image_index=[0, 0, 1])
     assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)
+
+
+def test_device_map_auto_with_offload_keeps_the_encoders_blocks_whole(folders, tmp_path) -> None:
+    """The tower's own `_no_split_modules` reach the composite (a plain wrapper would hide them)."""
+    model, processor = _parts(folders)
+    model.eval().save_pretrained(tmp_path / "saved")
+    assert {"Dinov2Layer", "LlamaDecoderLayer", "Blip2QFormerLayer"} <= set(model._no_split_modules)
+    offloaded = Blip2ForConditionalGeneration.from_pretrained(
+        tmp_path / "saved",
+        device_map="auto",
+        max_memory={"cpu": "60KB", "disk": "1GB"},
+        offload_folder=str(tmp_path / "offload"),
+    ).eval()
+    assert "disk" in set(offloaded.hf_device_map.values())
+    inputs = processor(images=_examples()[0]["image"], text="a photo of", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(offloaded(**inputs).logits, model(**inputs).logits, atol=1e-5)

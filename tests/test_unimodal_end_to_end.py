@@ -160,3 +160,27 @@ def test_device_map_auto_with_offload_keeps_the_encoders_blocks_whole(folders, t
     inputs = processor(images=_examples()[0]["image"], text="a photo of", return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(offloaded(**inputs).logits, model(**inputs).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_a_vit_config_builds_runs_and_round_trips(layer: int, tmp_path) -> None:
+    from tiny import config_dict
+    from transformers import ViTConfig
+
+    from modeling_blip2 import Blip2Config
+
+    config = Blip2Config(
+        **{**config_dict("opt"), "vision_config": ViTConfig(**VIT).to_dict(), "vision_feature_layer": layer}
+    )
+    model = Blip2ForConditionalGeneration(config).eval()
+    pixels = torch.randn(2, 3, 28, 28)
+    ids = torch.tensor([[config.image_token_index] * 4 + [5, 6]] * 2)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, input_ids=ids).logits
+        hidden = model.vision_model.backbone(pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
+        assert torch.equal(model.vision_model.forward_features(pixels), hidden)
+        assert torch.equal(
+            Blip2ForConditionalGeneration.from_pretrained(tmp_path)(pixel_values=pixels, input_ids=ids).logits,
+            expected,
+        )

@@ -6,6 +6,13 @@ ViT / ConvNeXt ...) and turns it into what the Q-Former reads: the hidden state 
 token under `vision_feature_select_strategy="default"`, followed by the paper's trainable post-encoder LayerNorm.
 It offers the same interface as this package's own `Blip2VisionModel` (`forward`, `forward_features`,
 `apply_post_layernorm`, `post_layernorm`), so nothing downstream branches on the encoder family.
+
+Every encoder takes `(B, C, H, W)` images, as every path of the package passes them (forward, generate,
+`encode_images`, the feature cache, the pipelines). SigLIP2's NaFlex `Siglip2VisionModel` reads patch sequences
+instead (`Siglip2ImageProcessor`: `(B, num_patches, C * p * p)` plus `pixel_attention_mask` and `spatial_shapes`); the
+backbone cuts the images into those itself, on the fixed `H / p x W / p` grid with every patch valid, in the
+processor's order. That is exactly what the processor makes of a square image at `isqrt(max_num_patches) * p`
+pixels, the fixed resolution `Blip2ImageTextProcessor.from_unimodal_pretrained` prepares SigLIP2 images at.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from .vision import check_pixel_values
 
 # LAVIS's `ln_vision` is a plain nn.LayerNorm; encoders that declare an epsilon of their own use it.
 DEFAULT_POST_LAYERNORM_EPS = 1e-5
+# Encoders whose forward reads patch sequences (NaFlex) rather than images: `images_to_patch_sequence` feeds them.
+PATCH_SEQUENCE_ENCODERS = ("siglip2_vision_model",)
 
 
 def select_image_features(hidden_state: torch.Tensor, strategy: str, num_patches: int | None) -> torch.Tensor:
@@ -47,6 +56,30 @@ def num_patch_tokens(pixel_values: torch.Tensor, patch_size: Any) -> int | None:
     return (pixel_values.shape[-2] // height) * (pixel_values.shape[-1] // width)
 
 
+def images_to_patch_sequence(pixel_values: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
+    """The NaFlex inputs (`Siglip2VisionModel`) of `(B, C, H, W)` images on the fixed `H / p x W / p` grid.
+
+    Patches are in row-major order, each flattened as `(p, p, C)`, as `Siglip2ImageProcessor`'s
+    `convert_image_to_patches` does; every patch is valid (no padding), so `pixel_attention_mask` is all ones.
+    """
+    batch, channels, height, width = pixel_values.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"pixel_values of {height}x{width} pixels do not split into {patch_size}x{patch_size} patches: the "
+            f"encoder reads patch sequences, so height and width must be multiples of its patch_size ({patch_size})"
+        )
+    rows, columns = height // patch_size, width // patch_size
+    patches = pixel_values.reshape(batch, channels, rows, patch_size, columns, patch_size)
+    patches = patches.permute(0, 2, 4, 3, 5, 1)  # (B, rows, columns, p, p, C)
+    patches = patches.reshape(batch, rows * columns, patch_size * patch_size * channels)  # (B, N, p*p*C)
+    device = pixel_values.device
+    return {
+        "pixel_values": patches,
+        "pixel_attention_mask": torch.ones(batch, rows * columns, dtype=torch.int32, device=device),
+        "spatial_shapes": torch.tensor([[rows, columns]] * batch, dtype=torch.long, device=device),
+    }
+
+
 class Blip2VisionBackbone(nn.Module):
     """A transformers vision model (frozen in BLIP-2) plus the trainable post-encoder LayerNorm.
 
@@ -66,6 +99,7 @@ class Blip2VisionBackbone(nn.Module):
         self.post_layernorm = nn.LayerNorm(feature_size, eps=eps)
         accepted = inspect.signature(self.backbone.forward).parameters
         self._takes_interpolate_pos_encoding = "interpolate_pos_encoding" in accepted
+        self._reads_patch_sequences = getattr(vision_config, "model_type", None) in PATCH_SEQUENCE_ENCODERS
         self._share_loading_rules()
 
     def _share_loading_rules(self) -> None:
@@ -127,6 +161,8 @@ class Blip2VisionBackbone(nn.Module):
         return self.post_layernorm(features.to(self.post_layernorm.weight.dtype))
 
     def _run(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, output_attentions: bool) -> Any:
+        if self._reads_patch_sequences:
+            self._refuse_patch_sequences(pixel_values)
         check_pixel_values(pixel_values, getattr(self.config, "num_channels", pixel_values.shape[1]))
         kwargs: dict[str, Any] = {"output_hidden_states": True, "return_dict": True}
         if output_attentions:
@@ -134,7 +170,19 @@ class Blip2VisionBackbone(nn.Module):
         if interpolate_pos_encoding and self._takes_interpolate_pos_encoding:
             kwargs["interpolate_pos_encoding"] = True
         pixel_values = pixel_values.to(self.dtype)
+        if self._reads_patch_sequences:  # its position embeddings are resized to any grid: no interpolation flag
+            return self.backbone(**images_to_patch_sequence(pixel_values, self.config.patch_size), **kwargs)
         return self.backbone(pixel_values=pixel_values, **kwargs)
+
+    def _refuse_patch_sequences(self, pixel_values: Any) -> None:
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 3:
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} look like the patch sequences of "
+                f"{type(self.backbone).__name__}'s own image processor (NaFlex: pixel_values, pixel_attention_mask, "
+                "spatial_shapes); BLIP-2 takes (batch, channels, height, width) images and cuts the patches itself. "
+                "Prepare the images with Blip2ImageTextProcessor.from_unimodal_pretrained(...) or "
+                "modeling_blip2.processing.fixed_resolution_image_processor(image_processor)"
+            )
 
     def _select(self, outputs: Any, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden_state = outputs.hidden_states[self.feature_layer]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import math
 import os
 import urllib.error
 import urllib.request
@@ -45,6 +46,40 @@ def blip2_image_processor(image_size: int = 224) -> BlipImageProcessorPil:
         do_normalize=True,
         image_mean=list(OPENAI_CLIP_MEAN),
         image_std=list(OPENAI_CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
+# Image processors of encoders that read patch sequences (NaFlex) rather than images; the package passes `(B, C, H, W)`
+# images everywhere, so these are replaced by the same transform at a fixed size (`fixed_resolution_image_processor`).
+PATCH_SEQUENCE_IMAGE_PROCESSORS = ("Siglip2ImageProcessor", "Siglip2ImageProcessorPil")
+
+
+def fixed_resolution_image_processor(image_processor: Any) -> Any:
+    """`image_processor` as one that makes `(B, C, H, W)` images, the input of every path into BLIP-2's encoder.
+
+    SigLIP2's NaFlex image processor (`Siglip2ImageProcessor`) resizes each image to its own aspect ratio and gives
+    patch sequences with `pixel_attention_mask` and `spatial_shapes`. It becomes a `SiglipImageProcessor` (same
+    backend) with its resampling, rescaling and normalisation at the square side `isqrt(max_num_patches) *
+    patch_size`: the image a square picture becomes inside the NaFlex processor, whose patches the encoder backbone
+    cuts again (`backbones.images_to_patch_sequence`). Pictures of another aspect ratio are stretched to the square,
+    as the fixed-resolution SigLIP2 checkpoints do. Any other image processor is returned as it is.
+    """
+    if type(image_processor).__name__ not in PATCH_SEQUENCE_IMAGE_PROCESSORS:
+        return image_processor
+    import transformers
+
+    side = math.isqrt(image_processor.max_num_patches) * image_processor.patch_size
+    pil = type(image_processor).__name__.endswith("Pil")
+    fixed_class = transformers.SiglipImageProcessorPil if pil else transformers.SiglipImageProcessor
+    return fixed_class(
+        size={"height": side, "width": side},
+        resample=image_processor.resample,
+        do_rescale=image_processor.do_rescale,
+        rescale_factor=image_processor.rescale_factor,
+        do_normalize=image_processor.do_normalize,
+        image_mean=list(image_processor.image_mean),
+        image_std=list(image_processor.image_std),
         do_convert_rgb=True,
     )
 
@@ -229,6 +264,13 @@ class Blip2ImageTextProcessor(ProcessorMixin):
     ) -> None:
         if num_query_tokens is not None and num_query_tokens < 1:
             raise ValueError(f"num_query_tokens must be >= 1, got {num_query_tokens}")
+        if type(image_processor).__name__ in PATCH_SEQUENCE_IMAGE_PROCESSORS:
+            raise ValueError(
+                f"image_processor is a {type(image_processor).__name__}, which makes NaFlex patch sequences "
+                "(pixel_values, pixel_attention_mask, spatial_shapes); BLIP-2's models take (batch, channels, height, "
+                "width) images: pass fixed_resolution_image_processor(image_processor) (the same transform at a "
+                "fixed size), which Blip2ImageTextProcessor.from_unimodal_pretrained builds itself"
+            )
         if image_token not in tokenizer.get_vocab():
             tokenizer.add_tokens([AddedToken(image_token, normalized=False, special=True)], special_tokens=True)
         self.num_query_tokens = num_query_tokens
@@ -254,7 +296,8 @@ class Blip2ImageTextProcessor(ProcessorMixin):
 
         - Image processor: the vision checkpoint's own (`AutoImageProcessor`), so images are prepared as its encoder
           saw them in training. transformers picks its PIL implementation unless torchvision is installed;
-          `image_processor_kwargs={"backend": "pil"}` pins it.
+          `image_processor_kwargs={"backend": "pil"}` pins it. SigLIP2's NaFlex processor becomes the same transform
+          at a fixed square size (`fixed_resolution_image_processor`), as the model takes images, not patches.
         - Tokenizer: the LLM's (`AutoTokenizer`), with `<image>` added as a special token if missing, which gives the
           id the model composed from the same folder takes as `image_token_index`.
         - Q-Former tokenizer: the BERT tokenizer of `qformer_name_or_path` with `[DEC]` added, if given.
@@ -272,8 +315,8 @@ class Blip2ImageTextProcessor(ProcessorMixin):
             f"{cls.__name__}.from_unimodal_pretrained (the vision model's image processor)",
             ("preprocessor_config.json", "processor_config.json"),
         )
-        image_processor = AutoImageProcessor.from_pretrained(
-            vision_model_name_or_path, **(image_processor_kwargs or {})
+        image_processor = fixed_resolution_image_processor(
+            AutoImageProcessor.from_pretrained(vision_model_name_or_path, **(image_processor_kwargs or {}))
         )
         tokenizer = AutoTokenizer.from_pretrained(language_model_name_or_path, **(tokenizer_kwargs or {}))
         qformer_tokenizer = None

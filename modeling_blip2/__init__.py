@@ -36,7 +36,13 @@ from .modeling import (
 )
 from .pipelines import Blip2ImageToTextPipeline, Blip2VisualQuestionAnsweringPipeline
 from .pretraining import Blip2ForImageTextRetrieval, Blip2ForPretraining
-from .processing import Blip2ImageTextProcessor, blip2_image_processor, load_qformer_tokenizer, to_rgb_image
+from .processing import (
+    Blip2ImageTextProcessor,
+    blip2_image_processor,
+    fixed_resolution_image_processor,
+    load_qformer_tokenizer,
+    to_rgb_image,
+)
 from .qformer import ATTENTION_TYPES, Blip2TextEmbeddings, build_qformer_attention_mask
 from .remote_code import add_remote_code, save_with_remote_code
 from .retrieval import RetrievalResult, evaluate_retrieval, recall_at_k, zero_shot_classify, zero_shot_classify_texts
@@ -126,6 +132,7 @@ __all__ = [
     "build_qformer_attention_mask",
     "build_stage2_from_stage1",
     "evaluate_retrieval",
+    "fixed_resolution_image_processor",
     "init_qformer_from_bert",
     "load_qformer_tokenizer",
     "load_stage1_into",

@@ -345,7 +345,7 @@ class Blip2ImageTextProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        # Some image processors give more than pixel_values (SigLIP2: pixel_attention_mask, spatial_shapes).
+        # Some image processors give more than pixel_values (a NaFlex one would: it is refused in __init__).
         image_names = list(getattr(self.image_processor, "model_input_names", None) or ["pixel_values"])
         names = image_names + ["input_ids", "attention_mask"]
         return names + (["qformer_input_ids", "qformer_attention_mask"] if self.qformer_tokenizer is not None else [])

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
+from tiny import caption_image_folder as _image_folder
+from tiny import load_example as _load
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "hub_configs" / "tiny-random")
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _images(tmp_path) -> list[str]:
@@ -45,19 +37,6 @@ def test_vqa_example(tmp_path) -> None:
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
     shared = _load("vqa").main([*common, "--images", red, blue, "--questions", "what color?"])
     assert len(shared) == 2
-
-
-def _image_folder(folder: Path) -> Path:
-    import json
-
-    folder.mkdir()
-    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-    with open(folder / "metadata.jsonl", "w") as metadata:
-        for index, (name, rgb) in enumerate(colors.items()):
-            Image.new("RGB", (36, 30), rgb).save(folder / f"{name}.png")
-            metadata.write(json.dumps({"file_name": f"{name}.png", "text": f"a {name} square", "image_id": index}))
-            metadata.write("\n")
-    return folder
 
 
 def test_pretrain_stage1_example_on_an_image_folder(tmp_path) -> None:

@@ -12,33 +12,18 @@ import pytest
 import torch
 from PIL import Image
 from tiny import (
-    QFORMER_WORDS,
-    TEXT,
-    TINY_RANDOM,
+    UNIMODAL_LLM_FAMILIES,
+    UNIMODAL_VISION_FAMILIES,
+    UNIMODAL_VIT,
     config_dict,
-    randomise_,
+    save_unimodal_parts,
     tiny_qformer_tokenizer,
-    tiny_t5_like_tokenizer,
 )
 from transformers import (
     AutoModelForImageTextToText,
     AutoTokenizer,
-    BertConfig,
     BertModel,
-    CLIPConfig,
-    CLIPModel,
-    ConvNextConfig,
-    ConvNextModel,
-    Dinov2Config,
-    Dinov2Model,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
     SiglipVisionConfig,
-    SiglipVisionModel,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 
 from modeling_blip2 import (
@@ -51,69 +36,21 @@ from modeling_blip2 import (
 )
 
 IMAGE_SIZE, PATCH = 28, 7
-VIT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-VIT.update(image_size=IMAGE_SIZE, patch_size=PATCH)
-VISION_FAMILIES = ("siglip", "clip", "dinov2", "convnext")
-LLM_FAMILIES = ("qwen2", "llama", "t5")
+VIT = UNIMODAL_VIT
+VISION_FAMILIES = UNIMODAL_VISION_FAMILIES
+LLM_FAMILIES = UNIMODAL_LLM_FAMILIES
 BRIDGE = ("query_tokens", "qformer.", "language_projection.", "vision_model.post_layernorm.")
-
-
-def _vision_model(family: str) -> torch.nn.Module:
-    if family == "siglip":
-        return SiglipVisionModel(SiglipVisionConfig(**VIT))
-    if family == "clip":  # the whole dual encoder, as CLIP checkpoints are published
-        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
-        return CLIPModel(CLIPConfig(vision_config=VIT, text_config={**text, "vocab_size": 60}, projection_dim=16))
-    if family == "dinov2":
-        return Dinov2Model(Dinov2Config(**VIT))
-    return ConvNextModel(ConvNextConfig(hidden_sizes=[16, 24], depths=[1, 1], num_stages=2, image_size=IMAGE_SIZE))
-
-
-def _language_model(family: str) -> tuple[torch.nn.Module, object]:
-    if family == "t5":
-        tokenizer = tiny_t5_like_tokenizer()  # holds <image> already
-        text = {key: value for key, value in TEXT["t5"].items() if key != "model_type"}
-        return T5ForConditionalGeneration(T5Config(**{**text, "vocab_size": len(tokenizer)})), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(TINY_RANDOM)
-    if family == "llama":
-        text = {key: value for key, value in TEXT["llama"].items() if key != "model_type"}
-        return LlamaForCausalLM(LlamaConfig(**text)), tokenizer
-    # Exactly as many embeddings as tokens: adding <image> must grow them.
-    qwen2 = {
-        **{key: value for key, value in TEXT["llama"].items() if key != "model_type"},
-        "vocab_size": len(tokenizer),
-    }
-    return Qwen2ForCausalLM(Qwen2Config(**qwen2)), tokenizer
-
 
 SOURCES: dict[str, torch.nn.Module] = {}  # the saved models, as they were in memory
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("unimodal")
-    saved = {}
-    for index, family in enumerate(VISION_FAMILIES):
-        model = randomise_(_vision_model(family), std=0.1, seed=index)
-        model.save_pretrained(root / family)
-        SOURCES[family] = model
-        saved[family] = root / family
-    for index, family in enumerate(LLM_FAMILIES):
-        model, tokenizer = _language_model(family)
-        randomise_(model, std=0.1, seed=10 + index).save_pretrained(root / family)
-        SOURCES[family] = model
-        tokenizer.save_pretrained(root / family)
-        saved[family] = root / family
-    tokenizer = tiny_qformer_tokenizer()
-    bert = BertConfig(vocab_size=len(QFORMER_WORDS), max_position_embeddings=64, **_bert_dims())
-    randomise_(BertModel(bert), std=0.1, seed=20).save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
-    saved["bert"] = root / "bert"
+    saved, models = save_unimodal_parts(
+        tmp_path_factory.mktemp("unimodal"), vision=VISION_FAMILIES, language=LLM_FAMILIES, bert=True
+    )
+    SOURCES.update(models)
     return saved
-
-
-def _bert_dims() -> dict[str, int]:
-    return {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
 
 
 def _source_state(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:

@@ -297,3 +297,141 @@ MORE_TEXT = {
     },
 }
 MORE_FAMILIES = tuple(MORE_TEXT)
+
+
+# -- unimodal parts (issue 12): tiny vision models, LLMs and a BERT saved as their own checkpoints ------------------
+UNIMODAL_VIT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": IMAGE_SIZE,
+    "patch_size": 7,
+}
+UNIMODAL_VISION_FAMILIES = ("siglip", "clip", "dinov2", "convnext")
+UNIMODAL_LLM_FAMILIES = ("qwen2", "llama", "t5")
+UNIMODAL_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+
+
+def tiny_vision_model(family: str) -> torch.nn.Module:
+    """A tiny vision checkpoint of `family`; CLIP as the whole dual encoder, the way CLIP checkpoints are published."""
+    import transformers
+
+    if family == "siglip":
+        return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**UNIMODAL_VIT))
+    if family == "clip":
+        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
+        config = transformers.CLIPConfig(
+            vision_config=UNIMODAL_VIT, text_config={**text, "vocab_size": 60}, projection_dim=16
+        )
+        return transformers.CLIPModel(config)
+    if family == "dinov2":
+        return transformers.Dinov2Model(transformers.Dinov2Config(**UNIMODAL_VIT))
+    if family == "convnext":
+        config = transformers.ConvNextConfig(hidden_sizes=[16, 24], depths=[1, 1], num_stages=2, image_size=IMAGE_SIZE)
+        return transformers.ConvNextModel(config)
+    raise ValueError(f"no tiny vision model for {family!r}; one of {UNIMODAL_VISION_FAMILIES}")
+
+
+def tiny_vision_image_processor(family: str):
+    """The image processor a `tiny_vision_model(family)` checkpoint ships with, in its PIL implementation (what
+    transformers loads without torchvision), giving `IMAGE_SIZE` images with the family's own statistics."""
+    import transformers
+
+    side = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    if family == "siglip":
+        return transformers.SiglipImageProcessorPil(size=side)
+    if family == "clip":
+        return transformers.CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE + 4}, crop_size=side)
+    if family == "dinov2":
+        return transformers.BitImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE + 4},
+            crop_size=side,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        )
+    if family == "convnext":
+        return transformers.ConvNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE})
+    raise ValueError(f"no tiny image processor for {family!r}; one of {UNIMODAL_VISION_FAMILIES}")
+
+
+def tiny_language_model(family: str) -> tuple[torch.nn.Module, object]:
+    """A tiny LLM of `family` and its tokenizer (tiny-random's BPE; T5's a word-level one holding `<image>`)."""
+    import transformers
+
+    text = {key: value for key, value in TEXT["t5" if family == "t5" else "llama"].items() if key != "model_type"}
+    if family == "t5":
+        tokenizer = tiny_t5_like_tokenizer()
+        config = transformers.T5Config(**{**text, "vocab_size": len(tokenizer)})
+        return transformers.T5ForConditionalGeneration(config), tokenizer
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_RANDOM)
+    if family == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**text)), tokenizer
+    if family == "qwen2":  # exactly as many embeddings as tokens: adding <image> must grow them
+        config = transformers.Qwen2Config(**{**text, "vocab_size": len(tokenizer)})
+        return transformers.Qwen2ForCausalLM(config), tokenizer
+    raise ValueError(f"no tiny language model for {family!r}; one of {UNIMODAL_LLM_FAMILIES}")
+
+
+def save_unimodal_parts(
+    root, vision: tuple[str, ...] = (), language: tuple[str, ...] = (), bert: bool = True
+) -> tuple[dict, dict]:
+    """Saves randomised tiny unimodal checkpoints under `root`, one folder per family (vision folders hold their
+    image processor, LLM folders their tokenizer) and `bert` (a BERT with the tiny Q-Former tokenizer).
+
+    Returns the folders and the saved models as they were in memory, both keyed by family (and "bert")."""
+    from pathlib import Path
+
+    import transformers
+
+    root = Path(root)
+    folders, models = {}, {}
+    for family in vision:
+        seed = UNIMODAL_VISION_FAMILIES.index(family)
+        model = randomise_(tiny_vision_model(family), std=0.1, seed=seed)
+        model.save_pretrained(root / family)
+        tiny_vision_image_processor(family).save_pretrained(root / family)
+        folders[family], models[family] = root / family, model
+    for family in language:
+        model, tokenizer = tiny_language_model(family)
+        randomise_(model, std=0.1, seed=10 + UNIMODAL_LLM_FAMILIES.index(family)).save_pretrained(root / family)
+        tokenizer.save_pretrained(root / family)
+        folders[family], models[family] = root / family, model
+    if bert:
+        config = transformers.BertConfig(vocab_size=len(QFORMER_WORDS), max_position_embeddings=64, **UNIMODAL_BERT)
+        model = randomise_(transformers.BertModel(config), std=0.1, seed=20)
+        model.save_pretrained(root / "bert")
+        tiny_qformer_tokenizer().save_pretrained(root / "bert")
+        folders["bert"], models["bert"] = root / "bert", model
+    return folders, models
+
+
+# -- the command-line examples ---------------------------------------------------------------------------------------
+def load_example(name: str):
+    """The module of `examples/<name>.py` (its `main(argv)` runs it as the command line would)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def caption_image_folder(folder):
+    """An image folder of four coloured squares with a `metadata.jsonl` (file name, caption, integer image id)."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir()
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for index, (name, rgb) in enumerate(colors.items()):
+            Image.new("RGB", (36, 30), rgb).save(folder / f"{name}.png")
+            metadata.write(json.dumps({"file_name": f"{name}.png", "text": f"a {name} square", "image_id": index}))
+            metadata.write("\n")
+    return folder

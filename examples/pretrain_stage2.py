@@ -108,9 +108,7 @@ def build_from_stage1(args: Stage2Arguments, dtype: torch.dtype) -> tuple[Blip2F
         stage1,
         language_model=language_model,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=stage1.config.vision_feature_layer,
-        vision_feature_select_strategy=stage1.config.vision_feature_select_strategy,
-    )
+    )  # stage 1's encoder, feature layer and selection come over with it
     return model, processor
 
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from .configuration import Blip2Config
+from .configuration import Blip2Config, Blip2VisionConfig
 from .conversion import expected_state_dict_shapes, load_safetensors
-from .modeling import Blip2ForConditionalGeneration
+from .modeling import Blip2ForConditionalGeneration, build_vision_model
 
 # Stage-2 keys that stage 1 supplies, and those that stay stage 2's own.
 _CARRIED = re.compile(r"query_tokens|qformer\..+|vision_model\..+")
@@ -55,6 +55,16 @@ _VISION_FIELDS = (
     "resolved_post_layernorm_eps",
     "qkv_bias",
     "vision_architecture",
+)
+
+# Config entries that describe how a config was saved, not the architecture.
+_BOOKKEEPING = (
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "architectures",
+    "_attn_implementation",
 )
 
 Stage1Source = PreTrainedModel | str | os.PathLike | Mapping[str, torch.Tensor]
@@ -207,6 +217,8 @@ def build_stage2_from_stage1(
         "image_token_index": image_token_index,
         "initializer_factor": stage1_config.initializer_factor,
         "initializer_range": stage1_config.initializer_range,
+        "vision_feature_layer": stage1_config.vision_feature_layer,
+        "vision_feature_select_strategy": stage1_config.vision_feature_select_strategy,
     }
     config = Blip2Config(**{**arguments, **config_overrides})
     if language_model is None:
@@ -245,21 +257,38 @@ def _load(
 
 def _check_configs_agree(stage1: Blip2Config, stage2: Blip2Config) -> None:
     """Names every architecture field of the carried parts on which the two configs disagree."""
+    top_level = ("num_query_tokens", "vision_feature_layer", "vision_feature_select_strategy")
     disagreements = [
         f"{prefix}.{name}: stage 1 {getattr(one, name)!r}, stage 2 {getattr(two, name)!r}"
         for prefix, one, two, names in (
             ("qformer_config", stage1.qformer_config, stage2.qformer_config, _QFORMER_FIELDS),
-            ("vision_config", stage1.vision_config, stage2.vision_config, _VISION_FIELDS),
-            ("config", stage1, stage2, ("num_query_tokens",)),
+            ("config", stage1, stage2, top_level),
         )
         for name in names
         if getattr(one, name) != getattr(two, name)
     ]
+    disagreements += _vision_disagreements(stage1.vision_config, stage2.vision_config)
     if disagreements:
         raise ValueError(
             "the stage-1 checkpoint does not fit the stage-2 config (" + "; ".join(disagreements) + "); build the "
             "stage-2 config from the stage-1 one (build_stage2_from_stage1)"
         )
+
+
+def _vision_disagreements(one: PreTrainedConfig, two: PreTrainedConfig) -> list[str]:
+    """Architecture fields of two image-encoder configs that differ (ours: `_VISION_FIELDS`; another transformers
+    vision model: every serialised field but bookkeeping)."""
+    if type(one) is not type(two):
+        return [f"vision_config: stage 1 {type(one).__name__}, stage 2 {type(two).__name__}"]
+    if isinstance(one, Blip2VisionConfig):
+        first, second = ({name: getattr(config, name) for name in _VISION_FIELDS} for config in (one, two))
+    else:
+        first, second = ({k: v for k, v in c.to_dict().items() if k not in _BOOKKEEPING} for c in (one, two))
+    return [
+        f"vision_config.{name}: stage 1 {first.get(name)!r}, stage 2 {second.get(name)!r}"
+        for name in sorted(set(first) | set(second))
+        if first.get(name) != second.get(name)
+    ]
 
 
 def _with_language_model(config: Blip2Config, language_model: PreTrainedModel) -> Blip2ForConditionalGeneration:
@@ -270,6 +299,11 @@ def _with_language_model(config: Blip2Config, language_model: PreTrainedModel) -
     model.language_model = language_model
     device = language_model.get_input_embeddings().weight.device
     stage1_parts = ("vision_model", "qformer") + (("embeddings",) if model.has_qformer_text_input else ())
+    if not config.has_own_vision_encoder:
+        # Built for real: another family's tower may hold buffers no checkpoint restores (e.g. SigLIP's position
+        # ids), which materialising from meta would leave as garbage.
+        model.vision_model = build_vision_model(config).to(device)
+        stage1_parts = stage1_parts[1:]
     for name in (*stage1_parts, "language_projection"):
         model.get_submodule(name).to_empty(device=device)
     model.query_tokens = nn.Parameter(torch.empty_like(model.query_tokens, device=device))

@@ -90,13 +90,6 @@ def test_stage1_on_dinov2_without_the_class_token_with_augmentation(parts, tmp_p
     assert type(AutoImageProcessor.from_pretrained(tmp_path)).__name__.startswith("BitImageProcessor")
 
 
-@pytest.mark.xfail(
-    raises=AttributeError,
-    strict=True,
-    reason="library (modeling_blip2/handoff.py): build_stage2_from_stage1 compares Blip2VisionConfig-only fields "
-    "(resolved_post_layernorm_eps ...) of any vision config in _check_configs_agree; past that, _with_language_model "
-    "materialises the vision model with to_empty, leaving SigLIP's non-persistent position_ids buffer uninitialised",
-)
 def test_stage2_from_the_composed_stage1_with_another_llm(parts, stage1_output, tmp_path) -> None:
     folders, stage1 = parts["folders"], stage1_output["output"]
     trainer = load_example("pretrain_stage2").main(
@@ -107,8 +100,9 @@ def test_stage2_from_the_composed_stage1_with_another_llm(parts, stage1_output, 
     model = Blip2ForConditionalGeneration.from_pretrained(tmp_path)
     # Stage 1's encoder, feature layer and Q-Former carried over; the LLM is the Llama folder's.
     assert isinstance(model.config.vision_config, SiglipVisionConfig) and model.config.vision_feature_layer == -2
-    carried = Blip2ForPretraining.from_pretrained(stage1)
-    assert torch.equal(model.query_tokens, carried.query_tokens)
+    carried = Blip2ForPretraining.from_pretrained(stage1)  # the frozen tower came over unchanged (the rest trained)
+    for name, value in carried.vision_model.backbone.state_dict().items():
+        assert torch.equal(model.vision_model.backbone.state_dict()[name], value), name
     for name, value in parts["models"]["llama"].state_dict().items():
         if name != "model.embed_tokens.weight" and name != "lm_head.weight":  # grown for <image>
             assert torch.equal(model.language_model.state_dict()[name], value), name

@@ -173,3 +173,36 @@ def test_build_needs_an_llm_and_the_stage1_config() -> None:
     llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TEXT["opt"]))
     with pytest.raises(ValueError, match=r"either text_config or language_model"):
         build_stage2_from_stage1(stage1, TEXT["opt"], language_model=llm)
+
+
+def test_a_stage1_on_another_vision_family_hands_off_its_encoder_and_feature_layer() -> None:
+    from transformers import SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7
+    )
+    config = config_dict()
+    config["qformer_config"].update({"use_qformer_text_input": True, "bos_token_id": DEC})
+    config.update(vision_config=vision, vision_feature_layer=-2, image_token_index=None)
+    stage1 = randomise_(Blip2ForPretraining(Blip2Config(**config)), std=0.1).eval()
+    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TEXT["llama"]))
+    # With a loaded LLM the other parts are built around it (SigLIP's position-id buffer must be real, not empty).
+    stage2 = build_stage2_from_stage1(stage1, language_model=llm)
+    assert stage2.config.vision_feature_layer == -2 and isinstance(stage2.config.vision_config, SiglipVisionConfig)
+    expected, actual = _query_outputs(stage1, stage2)
+    assert torch.allclose(expected, actual, atol=1e-6)
+    with pytest.raises(ValueError, match=r"config.vision_feature_layer: stage 1 -2, stage 2 -1"):
+        build_stage2_from_stage1(stage1, text_config=TEXT["llama"], vision_feature_layer=-1)
+    with pytest.raises(ValueError, match=r"vision_config.hidden_act: stage 1 'gelu_pytorch_tanh', stage 2 'gelu'"):
+        load_stage1_into(
+            Blip2ForConditionalGeneration(
+                Blip2Config(
+                    **{
+                        **config_dict("llama"),
+                        "vision_config": {**vision.to_dict(), "hidden_act": "gelu"},
+                        "vision_feature_layer": -2,
+                    }
+                )
+            ),
+            stage1,
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -111,17 +112,57 @@ def compose_from_unimodal(
         num_query_tokens=num_query_tokens,
         **{**fields, **config_overrides},
     )
-    model = model_class(config)
-    _copy_weights(model.vision_model.backbone, vision_tower, "vision")
-    if language_model is not None:
-        model.language_model = language_model
+    if language_model is None:
+        model = model_class(config)
+    else:  # the LLM goes in as loaded: never built at random first (for a 7B LLM, minutes and twice the memory)
+        model = build_around_language_model(model_class, config, language_model, initialise=True)
         model.config.text_config = language_model.config
+    _copy_weights(model.vision_model.backbone, vision_tower, "vision")
     if qformer_name_or_path is not None:
         init_qformer_from_bert(model, qformer_name_or_path)
     model.tie_weights()
     model.freeze_vision_encoder()
     if language_model is not None:
         model.freeze_language_model()
+    return model
+
+
+def build_around_language_model(
+    model_class: type, config: Blip2Config, language_model: nn.Module, initialise: bool = False
+) -> nn.Module:
+    """`model_class(config)` around an already loaded LLM, without building (and discarding) a random one first.
+
+    The model is built on the meta device, the LLM put in as is (not copied), and the other parts materialised on the
+    device of its input embeddings: another family's vision tower is built for real (it may hold buffers that no
+    checkpoint restores, e.g. SigLIP's position ids); the language projection starts as the model would start it.
+    The queries, Q-Former (and our own vision encoder) are left for the caller to fill (stage-1 weights), or
+    initialised as the model would initialise them with `initialise=True`.
+    """
+    from .modeling import build_vision_model
+
+    with torch.device("meta"):
+        model = model_class(config)
+    model.language_model = language_model
+    device = language_model.get_input_embeddings().weight.device
+    parts = ["qformer", "language_projection"] + (["embeddings"] if model.has_qformer_text_input else [])
+    if config.has_own_vision_encoder:
+        parts.append("vision_model")
+    else:
+        model.vision_model = build_vision_model(config).to(device)
+    for name in parts:
+        model.get_submodule(name).to_empty(device=device)
+    model.query_tokens = nn.Parameter(torch.empty_like(model.query_tokens, device=device))
+    with torch.no_grad():
+        nn.init.normal_(model.language_projection.weight, mean=0.0, std=config.initializer_range)
+        nn.init.zeros_(model.language_projection.bias)
+        if initialise:
+            for name in parts:
+                if name != "language_projection":
+                    model.get_submodule(name).apply(model._init_weights)
+            model._init_weights(model)  # the query tokens
+    left_on_meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if left_on_meta:
+        raise RuntimeError(f"tensors left unmaterialised: {left_on_meta}")
     return model
 
 

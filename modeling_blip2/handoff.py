@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from .composition import build_around_language_model
 from .configuration import Blip2Config, Blip2VisionConfig
 from .conversion import expected_state_dict_shapes, load_safetensors
-from .modeling import Blip2ForConditionalGeneration, build_vision_model
+from .modeling import Blip2ForConditionalGeneration
 
 # Stage-2 keys that stage 1 supplies, and those that stay stage 2's own.
 _CARRIED = re.compile(r"query_tokens|qformer\..+|vision_model\..+")
@@ -224,7 +224,7 @@ def build_stage2_from_stage1(
     if language_model is None:
         model = Blip2ForConditionalGeneration(config)
     else:
-        model = _with_language_model(config, language_model)
+        model = build_around_language_model(Blip2ForConditionalGeneration, config, language_model)
     _load(model, state_dict, stage1_config)
     return model
 
@@ -289,32 +289,6 @@ def _vision_disagreements(one: PreTrainedConfig, two: PreTrainedConfig) -> list[
         for name in sorted(set(first) | set(second))
         if first.get(name) != second.get(name)
     ]
-
-
-def _with_language_model(config: Blip2Config, language_model: PreTrainedModel) -> Blip2ForConditionalGeneration:
-    """The stage-2 model around an already loaded LLM, without building (and discarding) a random one first."""
-    # On the meta device construction allocates nothing; the parts other than the LLM are materialised below.
-    with torch.device("meta"):
-        model = Blip2ForConditionalGeneration(config)
-    model.language_model = language_model
-    device = language_model.get_input_embeddings().weight.device
-    stage1_parts = ("vision_model", "qformer") + (("embeddings",) if model.has_qformer_text_input else ())
-    if not config.has_own_vision_encoder:
-        # Built for real: another family's tower may hold buffers no checkpoint restores (e.g. SigLIP's position
-        # ids), which materialising from meta would leave as garbage.
-        model.vision_model = build_vision_model(config).to(device)
-        stage1_parts = stage1_parts[1:]
-    for name in (*stage1_parts, "language_projection"):
-        model.get_submodule(name).to_empty(device=device)
-    model.query_tokens = nn.Parameter(torch.empty_like(model.query_tokens, device=device))
-    # The vision model, queries and Q-Former come from stage 1; the projection starts as the model would start it.
-    with torch.no_grad():
-        nn.init.normal_(model.language_projection.weight, mean=0.0, std=config.initializer_range)
-        nn.init.zeros_(model.language_projection.bias)
-    left_on_meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
-    if left_on_meta:
-        raise RuntimeError(f"tensors left unmaterialised: {left_on_meta}")
-    return model
 
 
 def _listed(keys: list[str], limit: int = 20) -> str:

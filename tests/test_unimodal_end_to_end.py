@@ -184,3 +184,31 @@ def test_a_vit_config_builds_runs_and_round_trips(layer: int, tmp_path) -> None:
             Blip2ForConditionalGeneration.from_pretrained(tmp_path)(pixel_values=pixels, input_ids=ids).logits,
             expected,
         )
+
+
+def test_composition_puts_the_loaded_llm_in_as_is_and_initialises_the_new_parts(folders, monkeypatch) -> None:
+    """The composite is built on the meta device around the loaded LLM (no random LLM is allocated and dropped)."""
+    import modeling_blip2.composition as composition
+
+    loaded = []
+    original = composition.load_language_model
+    monkeypatch.setattr(
+        composition, "load_language_model", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1]
+    )
+    model = Blip2ForConditionalGeneration.from_unimodal_pretrained(
+        folders["dinov2"], folders["llama"], num_query_tokens=4
+    )
+    assert model.language_model is loaded[0][0]
+    reference = Blip2ForConditionalGeneration(model.config)  # how the model initialises the parts itself
+    for name in ("qformer.layernorm.weight", "qformer.encoder.layer.0.output_query.LayerNorm.bias"):
+        assert torch.equal(model.get_parameter(name), reference.get_parameter(name)), name
+    for name in (
+        "query_tokens",
+        "qformer.encoder.layer.0.attention.attention.query.weight",
+        "language_projection.weight",
+    ):
+        ours, theirs = model.get_parameter(name), reference.get_parameter(name)
+        assert torch.isfinite(ours).all() and abs(float(ours.std()) - float(theirs.std())) < 0.01, name
+    ids = torch.tensor([[model.config.image_token_index] * 4 + [5]])
+    with torch.no_grad():
+        assert torch.isfinite(model(pixel_values=torch.randn(1, 3, 28, 28), input_ids=ids).logits).all()

@@ -338,18 +338,14 @@ SPECIAL_TOKEN_NAMES = ("eos_token_id", "bos_token_id", "pad_token_id")
 
 def _special_token_ids(model: nn.Module | None) -> dict[str, Any]:
     """The special token ids of the model's text config and generation config."""
-    base = unwrap_model(model)
-    configs = {"config": _text_config(base), "generation_config": getattr(base, "generation_config", None)}
     return {
         where: {name: copy.deepcopy(getattr(config, name, None)) for name in SPECIAL_TOKEN_NAMES}
-        for where, config in configs.items()
-        if config is not None
+        for where, config in _special_token_configs(model).items()
     }
 
 
 def _restore_special_token_ids(model: nn.Module, saved: dict[str, Any]) -> None:
-    base = unwrap_model(model)
-    configs = {"config": _text_config(base), "generation_config": getattr(base, "generation_config", None)}
+    configs = _special_token_configs(model)
     restored = {}
     for where, values in saved.items():
         for name, value in values.items():
@@ -363,11 +359,13 @@ def _restore_special_token_ids(model: nn.Module, saved: dict[str, Any]) -> None:
         )
 
 
-def _text_config(model: Any) -> Any:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+def _special_token_configs(model: nn.Module | None) -> dict[str, Any]:
+    """The configs holding the model's special token ids: its text config and its generation config."""
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    configs = {"config": text_config, "generation_config": getattr(base, "generation_config", None)}
+    return {where: value for where, value in configs.items() if value is not None}
 
 
 def _check_collator_fits_model(collator: Any, model: nn.Module) -> None:

@@ -43,7 +43,7 @@ from .processing import (
     load_qformer_tokenizer,
     to_rgb_image,
 )
-from .qformer import ATTENTION_TYPES, Blip2TextEmbeddings, build_qformer_attention_mask
+from .qformer import ATTENTION_TYPES, Blip2QFormerKeyValues, Blip2TextEmbeddings, build_qformer_attention_mask
 from .remote_code import add_remote_code, save_with_remote_code
 from .retrieval import RetrievalResult, evaluate_retrieval, recall_at_k, zero_shot_classify, zero_shot_classify_texts
 from .vqa import Blip2VqaCollator, VqaMetrics, normalize_vqa_answer, predict_answers, vqa_accuracy
@@ -108,6 +108,7 @@ __all__ = [
     "Blip2Model",
     "Blip2PreTrainedModel",
     "Blip2QFormerConfig",
+    "Blip2QFormerKeyValues",
     "Blip2QFormerModel",
     "Blip2TextEmbeddings",
     "Blip2TextModelOutput",

@@ -42,6 +42,7 @@ from .model_card import DEFAULT_LICENSE, build_model_card, require_hub_token
 from .qformer import (
     ATTENTION_TYPES,
     Blip2QFormerEncoder,
+    Blip2QFormerKeyValues,
     Blip2QFormerLayer,
     Blip2QFormerMultiHeadAttention,
     Blip2TextEmbeddings,
@@ -98,6 +99,9 @@ class Blip2ImageEncodingOutput(ModelOutput):
         vision_outputs: The full vision model output (None when the encoding started from `image_embeds`).
         qformer_outputs: The full Q-Former output; its `last_hidden_state` is `(batch, num_query_tokens + T,
             qformer_hidden)` when a `(batch, T)` question was fed to the Q-Former.
+        image_key_values: The Q-Former's cross-attention keys and values of `image_embeds`, when the encoding
+            was made from them (`encode_images(image_key_values=...)`): several questions about one image then
+            share its projections.
     """
 
     image_embeds: torch.FloatTensor | None = None
@@ -105,12 +109,13 @@ class Blip2ImageEncodingOutput(ModelOutput):
     language_model_inputs: torch.FloatTensor | None = None
     vision_outputs: BaseModelOutputWithPooling | None = None
     qformer_outputs: BaseModelOutputWithPoolingAndCrossAttentions | None = None
+    image_key_values: Blip2QFormerKeyValues | None = None
 
     def select(self, index: torch.Tensor | list[int]) -> Blip2ImageEncodingOutput:
         """The rows `index` (e.g. the image of each question: one image encoding serving several prompts).
 
-        `image_embeds`, `query_output` and `language_model_inputs` are indexed along the batch; the full
-        `vision_outputs` / `qformer_outputs` are not carried over.
+        `image_embeds`, `query_output`, `language_model_inputs` and `image_key_values` are indexed along the batch;
+        the full `vision_outputs` / `qformer_outputs` are not carried over.
         """
         if self.language_model_inputs is None and self.image_embeds is None:
             raise ValueError("this image encoding holds neither image_embeds nor language_model_inputs")
@@ -129,7 +134,20 @@ class Blip2ImageEncodingOutput(ModelOutput):
             image_embeds=rows(self.image_embeds),
             query_output=rows(self.query_output),
             language_model_inputs=rows(self.language_model_inputs),
+            image_key_values=None if self.image_key_values is None else self.image_key_values.select(index),
         )
+
+
+@dataclass
+class Blip2QFormerOutput(BaseModelOutputWithPoolingAndCrossAttentions):
+    """Output of `Blip2QFormerModel`: transformers' BERT-style output, plus
+
+    Args:
+        key_values: With `return_key_values=True`, this pass's self-attention keys and values (an earlier pass's
+            prefix included), a `Blip2QFormerKeyValues` to pass as a later pass's `prefix_key_values`.
+    """
+
+    key_values: Blip2QFormerKeyValues | None = None
 
 
 @dataclass
@@ -404,22 +422,27 @@ class Blip2PreTrainedModel(PreTrainedModel):
 
     # -- the Q-Former over queries and text (models that own query_tokens, embeddings and qformer) ---------------
     def query_outputs(
-        self, image_embeds: torch.Tensor, **qformer_kwargs: Any
+        self, image_embeds: torch.Tensor | Blip2QFormerKeyValues, **qformer_kwargs: Any
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
-        """The queries after the Q-Former, cross-attending to `image_embeds`: `(B, num_query_tokens, hidden)`."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(queries, encoder_hidden_states=image_embeds, return_dict=True, **qformer_kwargs)
+        """The queries after the Q-Former, cross-attending to the image: `(B, num_query_tokens, hidden)`.
+
+        `image_embeds` are `(B, S, vision_hidden)` image features, or their cross-attention keys and values
+        (`qformer.image_key_values(features)`), shared with other passes over the same images."""
+        image = _image_inputs(image_embeds)
+        queries = self.query_tokens.expand(_image_batch_size(image_embeds), -1, -1)
+        return self.qformer(queries, return_dict=True, **image, **qformer_kwargs)
 
     def _queries_with_text(
         self,
-        image_embeds: torch.Tensor,
+        image_embeds: torch.Tensor | Blip2QFormerKeyValues,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         attention_type: str,
         **qformer_kwargs: Any,
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
-        """`[queries; text]` through the Q-Former, the queries cross-attending to `image_embeds`: bidirectional for
-        matching and question conditioning, multimodal-causal for image-grounded generation.
+        """`[queries; text]` through the Q-Former, the queries cross-attending to the image (features or their
+        key/values, as in `query_outputs`): bidirectional for matching and question conditioning,
+        multimodal-causal for image-grounded generation.
 
         Returns the Q-Former output `(B, num_query_tokens + T, hidden)`.
         """
@@ -431,9 +454,9 @@ class Blip2PreTrainedModel(PreTrainedModel):
             self.embeddings(input_ids, query_embeds=queries),
             query_length=num_queries,
             attention_mask=torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1),
-            encoder_hidden_states=image_embeds,
             attention_type=attention_type,
             return_dict=True,
+            **_image_inputs(image_embeds),
             **qformer_kwargs,
         )
 
@@ -632,19 +655,30 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        encoder_key_values: Blip2QFormerKeyValues | None = None,
+        prefix_key_values: Blip2QFormerKeyValues | None = None,
+        return_key_values: bool = False,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple:
+    ) -> Blip2QFormerOutput | tuple:
         """Runs the Q-Former.
 
         Args:
-            query_embeds: `(batch, T, hidden)`: the queries, optionally followed by text embeddings.
+            query_embeds: `(batch, T, hidden)`: the queries, optionally followed by text embeddings (or text alone).
             query_length: How many leading positions are queries (default: all of them).
-            attention_mask: `(batch, T)` padding mask, shaped into the mask of `attention_type`, or a ready
-                `(batch, T, T)` 1/0 mask.
+            attention_mask: `(batch, T)` padding mask (`(batch, P + T)` with a prefix of `P` positions), shaped into
+                the mask of `attention_type`, or a ready `(batch, T, [P +] T)` 1/0 mask.
             encoder_hidden_states: `(batch, S, encoder_hidden_size)` image features (needed when queries are present).
             encoder_attention_mask: `(batch, S)` mask over the image features (default: all ones).
             attention_type: `"bidirectional"`, `"unimodal"` or `"multimodal_causal"` (see
                 `build_qformer_attention_mask`).
+            encoder_key_values: The image features' cross-attention keys and values (`image_key_values`), instead
+                of `encoder_hidden_states`: passes over the same images then project them once.
+            prefix_key_values: Self-attention keys and values of an earlier pass (`return_key_values=True`) that
+                this text-only pass (`query_length=0`) attends to as if they preceded it, under `attention_type`'s
+                mask over the whole sequence (e.g. image-grounded generation's text reading the queries of the
+                contrastive pass).
+            return_key_values: Put this pass's self-attention keys and values (the prefix's included) in the
+                output's `key_values`, a `Blip2QFormerKeyValues`.
         """
         if query_embeds is None or query_embeds.dim() != 3:
             shape = None if query_embeds is None else tuple(query_embeds.shape)
@@ -663,52 +697,160 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         # The Q-Former keeps its own (fp32) dtype; inputs from fp16/bf16 parts are cast at the boundary.
         dtype = self.layernorm.weight.dtype
         hidden_states = self.dropout(self.layernorm(query_embeds.to(dtype)))
+        prefix = self._check_prefix(prefix_key_values, batch, query_length)
+        prefix_length = 0 if prefix is None else prefix.length
         additive_mask = self._self_attention_mask(
-            attention_mask, batch, length, query_length, attention_type, dtype, hidden_states.device
+            attention_mask,
+            batch,
+            length,
+            query_length,
+            attention_type,
+            dtype,
+            hidden_states.device,
+            prefix_length,
+            0 if prefix is None else prefix.query_length,
         )
 
         encoder_additive_mask = None
+        encoder = None
         if query_length > 0 and self.config.num_hidden_layers > 0:
-            if encoder_hidden_states is None:
-                raise ValueError("encoder_hidden_states (the image features) are required when queries are present")
-            encoder_hidden_states = encoder_hidden_states.to(dtype)
-            if encoder_hidden_states.shape[0] != batch:
-                raise ValueError(
-                    f"encoder_hidden_states has batch size {encoder_hidden_states.shape[0]}, the queries {batch}"
-                )
-            if encoder_hidden_states.shape[-1] != self.config.resolved_encoder_hidden_size:
-                raise ValueError(
-                    f"encoder_hidden_states must have width {self.config.resolved_encoder_hidden_size} "
-                    f"(config.encoder_hidden_size), got {encoder_hidden_states.shape[-1]}"
-                )
+            encoder = self._image_key_values_for(encoder_hidden_states, encoder_key_values, batch)
             if encoder_attention_mask is not None:
                 encoder_additive_mask = padding_to_additive_mask(encoder_attention_mask, dtype)
+            encoder_hidden_states = None  # projected above, once for all layers
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         all_cross_attentions = () if output_attentions else None
-        for layer in self.encoder.layer:
-            hidden_states, self_weights, cross_weights = layer(
+        key_values = []
+        for index, layer in enumerate(self.encoder.layer):
+            encoder_key_value = (
+                (None, None) if encoder is None or encoder.layers[index] is None else encoder.layers[index]
+            )
+            prefix_key_value = (None, None) if prefix is None else prefix.layers[index]
+            hidden_states, self_weights, cross_weights, key, value = layer(
                 hidden_states,
                 additive_mask,
                 encoder_hidden_states,
                 encoder_additive_mask,
                 query_length,
-                output_attentions=output_attentions,
+                output_attentions,
+                *encoder_key_value,
+                *prefix_key_value,
             )
+            if return_key_values:
+                key_values.append((key, value))
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
                 all_attentions += (self_weights,)
                 all_cross_attentions += (cross_weights,)
+        returned_key_values = None
+        if return_key_values:
+            total_queries = query_length if prefix is None else prefix.query_length
+            returned_key_values = Blip2QFormerKeyValues(tuple(key_values), total_queries)
         # `capture_outputs` makes the tuple when return_dict (or config.return_dict) is False.
-        return BaseModelOutputWithPoolingAndCrossAttentions(
+        return Blip2QFormerOutput(
             last_hidden_state=hidden_states,
             pooler_output=hidden_states[:, 0],
+            key_values=returned_key_values,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
             cross_attentions=all_cross_attentions,
         )
+
+    def image_key_values(self, encoder_hidden_states: torch.Tensor) -> Blip2QFormerKeyValues:
+        """Every cross-attention layer's keys and values of `(batch, S, encoder_hidden_size)` image features.
+
+        Pass them as `encoder_key_values` to every pass over the same images (with `select` /
+        `repeat_interleave` to match the pass's rows): the image features are then projected once. Gradients reach
+        the projections (and the features) through every pass that uses them.
+        """
+        self._check_image_features(encoder_hidden_states, None)
+        states = encoder_hidden_states.to(self.layernorm.weight.dtype)
+        layers = tuple(
+            layer.crossattention.attention.key_value(states) if layer.has_cross_attention else None
+            for layer in self.encoder.layer
+        )
+        return Blip2QFormerKeyValues(layers)
+
+    def _image_key_values_for(
+        self,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_key_values: Blip2QFormerKeyValues | None,
+        batch: int,
+    ) -> Blip2QFormerKeyValues:
+        if encoder_hidden_states is not None and encoder_key_values is not None:
+            raise ValueError("pass either encoder_hidden_states or their encoder_key_values, not both")
+        if encoder_key_values is None:
+            if encoder_hidden_states is None:
+                raise ValueError(
+                    "encoder_hidden_states (the image features) or their encoder_key_values are required when "
+                    "queries are present"
+                )
+            self._check_image_features(encoder_hidden_states, batch)
+            return self.image_key_values(encoder_hidden_states)
+        if not isinstance(encoder_key_values, Blip2QFormerKeyValues):
+            raise TypeError(
+                "encoder_key_values must be the Blip2QFormerKeyValues of image_key_values(image_features), got "
+                f"{type(encoder_key_values).__name__}"
+            )
+        expected = [layer.has_cross_attention for layer in self.encoder.layer]
+        if [entry is not None for entry in encoder_key_values.layers] != expected:
+            raise ValueError(
+                "encoder_key_values do not fit this Q-Former's cross-attention layers: make them with its "
+                "image_key_values"
+            )
+        if encoder_key_values.batch_size != batch:
+            raise ValueError(
+                f"encoder_key_values have batch size {encoder_key_values.batch_size}, the queries {batch}: select "
+                "or repeat their rows to match"
+            )
+        return encoder_key_values
+
+    def _check_image_features(self, encoder_hidden_states: torch.Tensor, batch: int | None) -> None:
+        if encoder_hidden_states.dim() != 3:
+            raise ValueError(
+                "encoder_hidden_states must be (batch, tokens, width) image features, got shape "
+                f"{tuple(encoder_hidden_states.shape)}"
+            )
+        if batch is not None and encoder_hidden_states.shape[0] != batch:
+            raise ValueError(
+                f"encoder_hidden_states has batch size {encoder_hidden_states.shape[0]}, the queries {batch}"
+            )
+        if encoder_hidden_states.shape[-1] != self.config.resolved_encoder_hidden_size:
+            raise ValueError(
+                f"encoder_hidden_states must have width {self.config.resolved_encoder_hidden_size} "
+                f"(config.encoder_hidden_size), got {encoder_hidden_states.shape[-1]}"
+            )
+
+    def _check_prefix(
+        self, prefix_key_values: Blip2QFormerKeyValues | None, batch: int, query_length: int
+    ) -> Blip2QFormerKeyValues | None:
+        if prefix_key_values is None:
+            return None
+        if not isinstance(prefix_key_values, Blip2QFormerKeyValues):
+            raise TypeError(
+                "prefix_key_values must be the Blip2QFormerKeyValues of an earlier pass (return_key_values=True), "
+                f"got {type(prefix_key_values).__name__}"
+            )
+        if query_length != 0:
+            raise ValueError(
+                f"a pass after prefix_key_values reads text only (query_length=0), got query_length={query_length}"
+            )
+        if len(prefix_key_values.layers) != len(self.encoder.layer) or any(
+            entry is None for entry in prefix_key_values.layers
+        ):
+            raise ValueError(
+                f"prefix_key_values must hold keys and values for all {len(self.encoder.layer)} layers of this "
+                "Q-Former (from a pass with return_key_values=True)"
+            )
+        if prefix_key_values.batch_size != batch:
+            raise ValueError(
+                f"prefix_key_values have batch size {prefix_key_values.batch_size}, this pass {batch}: select or "
+                "repeat their rows to match"
+            )
+        return prefix_key_values
 
     @staticmethod
     def _self_attention_mask(
@@ -719,25 +861,38 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         attention_type: str,
         dtype: torch.dtype,
         device: torch.device,
+        prefix_length: int = 0,
+        prefix_query_length: int = 0,
     ) -> torch.Tensor | None:
+        """The additive `(batch, 1, length, prefix_length + length)` self-attention mask (None: attend to all).
+
+        With a prefix, the mask of `attention_type` is built over the whole sequence (the prefix's first
+        `prefix_query_length` positions being queries) and its rows of this pass are kept.
+        """
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+        total = prefix_length + length
         if attention_mask is None:
             if attention_type == "bidirectional":
                 return None
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
+            attention_mask = torch.ones(batch, total, dtype=torch.long, device=device)
         if attention_mask.dim() == 2:
-            if tuple(attention_mask.shape) != (batch, length):
+            if prefix_length and tuple(attention_mask.shape) == (batch, length):
+                attention_mask = torch.cat([attention_mask.new_ones(batch, prefix_length), attention_mask], dim=1)
+            if tuple(attention_mask.shape) != (batch, total):
+                expected = "query + text length" if not prefix_length else f"prefix {prefix_length} + {length}"
                 raise ValueError(
-                    f"attention_mask must have shape {(batch, length)} (batch, query + text length), "
+                    f"attention_mask must have shape {(batch, total)} (batch, {expected}), "
                     f"got {tuple(attention_mask.shape)}"
                 )
-            return build_qformer_attention_mask(attention_mask, query_length, attention_type, dtype)
-        if attention_mask.dim() == 3 and tuple(attention_mask.shape) == (batch, length, length):
+            queries = prefix_query_length if prefix_length else query_length
+            full = build_qformer_attention_mask(attention_mask, queries, attention_type, dtype)
+            return full[:, :, prefix_length:]
+        if attention_mask.dim() == 3 and tuple(attention_mask.shape) == (batch, length, total):
             return boolean_to_additive_mask(attention_mask[:, None], dtype)
         raise ValueError(
-            f"attention_mask must be (batch, length) or (batch, length, length) with batch={batch}, "
-            f"length={length}; got {tuple(attention_mask.shape)}"
+            f"attention_mask must be (batch, {total}) or (batch, {length}, {total}) with batch={batch}; got "
+            f"{tuple(attention_mask.shape)}"
         )
 
 
@@ -859,6 +1014,7 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         qformer_attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         frozen_image_features: torch.Tensor | None = None,
+        image_key_values: Blip2QFormerKeyValues | None = None,
     ) -> Blip2ImageEncodingOutput:
         """Images -> vision features -> Q-Former query outputs -> soft visual prompts in the LLM's width.
 
@@ -874,6 +1030,8 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             frozen_image_features: `(batch, 1 + num_patches, vision_hidden)` outputs of the frozen encoder before the
                 post-LayerNorm (`vision_model.forward_features`, e.g. from `FrozenFeatureDataset`); the trainable
                 post-LayerNorm is applied here.
+            image_key_values: With `image_embeds`, their `qformer.image_key_values`, which the Q-Former then reads
+                instead of projecting the features again (several questions about one image, selected per row).
         """
         if frozen_image_features is not None:
             if pixel_values is not None or image_embeds is not None:
@@ -903,15 +1061,24 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
                 f"{self.config.vision_feature_size}), got {tuple(image_embeds.shape)}"
             )
         batch, num_queries = image_embeds.shape[0], self.config.num_query_tokens
+        image = image_embeds
+        if image_key_values is not None:
+            if pixel_values is not None or frozen_image_features is not None:
+                raise ValueError("image_key_values go with image_embeds (the features they were computed from)")
+            if not isinstance(image_key_values, Blip2QFormerKeyValues) or image_key_values.batch_size != batch:
+                raise ValueError(
+                    f"image_key_values must be the qformer.image_key_values of the {batch} image_embeds rows"
+                )
+            image = image_key_values
         outputs_wanted = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         if qformer_input_ids is None:
             if qformer_attention_mask is not None:
                 raise ValueError("qformer_attention_mask was given without qformer_input_ids")
-            qformer_outputs = self.query_outputs(image_embeds, **outputs_wanted)
+            qformer_outputs = self.query_outputs(image, **outputs_wanted)
         else:
             qformer_attention_mask = self._check_qformer_text(qformer_input_ids, qformer_attention_mask, batch)
             qformer_outputs = self._queries_with_text(
-                image_embeds, qformer_input_ids, qformer_attention_mask, "bidirectional", **outputs_wanted
+                image, qformer_input_ids, qformer_attention_mask, "bidirectional", **outputs_wanted
             )
         query_output = qformer_outputs.last_hidden_state[:, :num_queries]  # only the queries reach the LLM
         language_model_inputs = self.language_projection(query_output.to(self.language_projection.weight.dtype))
@@ -1523,6 +1690,17 @@ def check_4bit_layer_widths(model: nn.Module, quantization_config: Any) -> None:
             f"multiple of {FOUR_BIT_CPU_OUT_MULTIPLE}. Offending: {listed}{' ...' if len(bad) > 4 else ''}. Load in "
             "8-bit (load_in_8bit=True), add these modules to llm_int8_skip_modules, or load on a GPU"
         )
+
+
+def _image_inputs(image: torch.Tensor | Blip2QFormerKeyValues) -> dict[str, Any]:
+    """The Q-Former keyword that carries `image`: its features, or their precomputed key/values."""
+    if isinstance(image, Blip2QFormerKeyValues):
+        return {"encoder_key_values": image}
+    return {"encoder_hidden_states": image}
+
+
+def _image_batch_size(image: torch.Tensor | Blip2QFormerKeyValues) -> int:
+    return image.batch_size if isinstance(image, Blip2QFormerKeyValues) else image.shape[0]
 
 
 def _check_left_padded(attention_mask: torch.Tensor) -> None:

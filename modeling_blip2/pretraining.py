@@ -39,7 +39,7 @@ from .modeling import (
     _wants_dict,
     build_vision_model,
 )
-from .qformer import Blip2QFormerLMHead, Blip2TextEmbeddings
+from .qformer import Blip2QFormerKeyValues, Blip2QFormerLMHead, Blip2TextEmbeddings
 from .vision import check_frozen_image_features
 
 STAGE1_LOSSES = ("itc", "itm", "itg")
@@ -186,12 +186,13 @@ class _Blip2Stage1Model(Blip2PreTrainedModel):
 
     def matching_outputs(
         self,
-        image_embeds: torch.Tensor,
+        image_embeds: torch.Tensor | Blip2QFormerKeyValues,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         **qformer_kwargs: Any,
     ) -> tuple[torch.Tensor, BaseModelOutputWithPoolingAndCrossAttentions]:
-        """ITM: `[queries; text]` with the bidirectional mask, queries cross-attending to the image.
+        """ITM: `[queries; text]` with the bidirectional mask, queries cross-attending to the image: `(B, S,
+        vision_hidden)` features, or their `qformer.image_key_values` (e.g. one image's, repeated for k texts).
 
         Returns the `(B, 2)` logits (the ITM head averaged over the query outputs) and the Q-Former output.
         """
@@ -394,12 +395,45 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         return self.temp.clamp(*TEMPERATURE_RANGE)
 
     def itg_logits(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        image_embeds: torch.Tensor | Blip2QFormerKeyValues | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        query_key_values: Blip2QFormerKeyValues | None = None,
     ) -> torch.Tensor:
-        """ITG: `[queries; text]` with the multimodal causal mask -> `(B, T, vocab)` next-token logits for the text."""
+        """ITG: `[queries; text]` with the multimodal causal mask -> `(B, T, vocab)` next-token logits for the text.
+
+        Under that mask the queries see only queries, so their keys and values are those of the query pass alone:
+        with `query_key_values` (`query_outputs(..., return_key_values=True).key_values`) the text attends to
+        them and only the text runs (what LAVIS does; the same logits and gradients as running the queries again).
+        Without, `[queries; text]` runs on `image_embeds` (features or their key/values).
+        """
+        if query_key_values is not None:
+            return self.qformer_lm_head(self._text_after_queries(input_ids, attention_mask, query_key_values))
         num_queries = self.config.num_query_tokens
         outputs = self._queries_with_text(image_embeds, input_ids, attention_mask, "multimodal_causal")
         return self.qformer_lm_head(outputs.last_hidden_state[:, num_queries:])
+
+    def _text_after_queries(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prefix: Blip2QFormerKeyValues,
+        position_ids: torch.Tensor | None = None,
+        return_key_values: bool = False,
+    ) -> torch.Tensor | BaseModelOutputWithPoolingAndCrossAttentions:
+        """The text under the multimodal causal mask, attending to `prefix` (the queries' key/values, then any
+        text already decoded): the `(B, T, hidden)` text outputs, or the whole output with `return_key_values`."""
+        outputs = self.qformer(
+            self.embeddings(input_ids, position_ids=position_ids),
+            query_length=0,
+            attention_mask=attention_mask,
+            attention_type="multimodal_causal",
+            prefix_key_values=prefix,
+            return_key_values=return_key_values,
+            return_dict=True,
+        )
+        return outputs if return_key_values else outputs.last_hidden_state
 
     def forward(
         self,
@@ -452,8 +486,13 @@ class Blip2ForPretraining(_Blip2Stage1Model):
 
         temperature = self.temperature
         output = Blip2PretrainingOutput(temperature=temperature)
+        # Every pass of the step reads the same B images: their cross-attention keys and values are computed once
+        # and shared (the ITM pairs select their rows), and ITG's text attends to the contrastive query pass's own
+        # keys and values instead of running the queries again. Losses and gradients are those of separate passes.
+        image = self.qformer.image_key_values(image_embeds)
+        query_pass = self.query_outputs(image, return_key_values="itg" in losses)
         if "itc" in losses or "itm" in losses:
-            output.image_features = self.project_image(self.query_outputs(image_embeds).last_hidden_state)
+            output.image_features = self.project_image(query_pass.last_hidden_state)
             output.text_features = self.project_text(self.text_outputs(input_ids, attention_mask).last_hidden_state)
             itc = itc_loss(output.image_features, output.text_features, temperature, image_ids=image_ids)
             output.similarity_image_to_text = itc.similarity_image_to_text
@@ -466,14 +505,16 @@ class Blip2ForPretraining(_Blip2Stage1Model):
             output.loss_itm = sum(parameter.sum() for parameter in self.itm_head.parameters()) * 0.0
         elif "itm" in losses:
             output.itm_logits = self._itm_logits_with_hard_negatives(
-                image_embeds, input_ids, attention_mask, image_ids, output, hard_negatives
+                image_embeds, image, input_ids, attention_mask, image_ids, output, hard_negatives
             )
             output.loss_itm = itm_loss(output.itm_logits)
         if "itg" in losses:
             decoder_input_ids, labels = itg_inputs_and_labels(
                 input_ids, attention_mask, self._decoder_start_token_id(), self.config.qformer_config.pad_token_id or 0
             )
-            output.itg_logits = self.itg_logits(image_embeds, decoder_input_ids, attention_mask)
+            output.itg_logits = self.itg_logits(
+                None, decoder_input_ids, attention_mask, query_key_values=query_pass.key_values
+            )
             output.loss_itg = itg_loss(output.itg_logits, labels)
         output.loss = Stage1Losses.combine(output.loss_itc, output.loss_itm, output.loss_itg).loss
         return output if _wants_dict(return_dict, self.config) else output.to_tuple()
@@ -499,6 +540,7 @@ class Blip2ForPretraining(_Blip2Stage1Model):
     def _itm_logits_with_hard_negatives(
         self,
         image_embeds: torch.Tensor,
+        image: Blip2QFormerKeyValues,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         image_ids: torch.Tensor | None,
@@ -507,18 +549,26 @@ class Blip2ForPretraining(_Blip2Stage1Model):
     ) -> torch.Tensor:
         """`[positives; (hard negative image, text); (image, hard negative text)]` -> `(3B, 2)` ITM logits.
 
-        Negatives come from every rank's batch: images are gathered with their gradient, texts without.
+        `image` holds the local images' cross-attention keys and values; each pair selects its image's. Negatives
+        come from every rank's batch: images are gathered with their gradient (and the negatives' keys and values
+        computed from them), texts without.
         """
         if hard_negatives is None:
             hard_negatives = sample_hard_negatives(
                 itc.similarity_image_to_text, itc.similarity_text_to_image, image_ids
             )
         negative_image, negative_text = hard_negatives
+        negative_image = torch.as_tensor(negative_image, dtype=torch.long, device=image_embeds.device)
+        batch = image_embeds.shape[0]
         _, world_size = rank_and_world_size()
-        all_images = gather_with_grad(image_embeds) if world_size > 1 else image_embeds
+        if world_size > 1:
+            negatives = self.qformer.image_key_values(gather_with_grad(image_embeds)[negative_image])
+            images = Blip2QFormerKeyValues.concatenate([image, negatives, image])
+        else:
+            local = torch.arange(batch, device=negative_image.device)
+            images = image.select(torch.cat([local, negative_image, local]))
         all_ids = gather_no_grad(input_ids) if world_size > 1 else input_ids
         all_masks = gather_no_grad(attention_mask) if world_size > 1 else attention_mask
-        images = torch.cat([image_embeds, all_images[negative_image], image_embeds])  # (3B, S, D)
         texts = torch.cat([input_ids, input_ids, all_ids[negative_text]])  # (3B, T)
         masks = torch.cat([attention_mask, attention_mask, all_masks[negative_text]])
         return self.matching_outputs(images, texts, masks)[0]
@@ -556,8 +606,18 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         pad = self.config.qformer_config.pad_token_id or 0
         ids = torch.full((batch, 1), self._decoder_start_token_id(), dtype=torch.long, device=image_embeds.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-        for _ in range(min(max_new_tokens, self.config.qformer_config.max_position_embeddings - 1)):
-            logits = self.itg_logits(image_embeds, ids, torch.ones_like(ids))[:, -1].float()  # (B, vocab)
+        # The queries run once; each step feeds only the newest token, attending to the keys and values so far.
+        prefix = self.query_outputs(image_embeds, return_key_values=True).key_values
+        for position in range(min(max_new_tokens, self.config.qformer_config.max_position_embeddings - 1)):
+            step = self._text_after_queries(
+                ids[:, -1:],
+                None,
+                prefix,
+                position_ids=torch.tensor([position], device=ids.device),
+                return_key_values=True,
+            )
+            prefix = step.key_values
+            logits = self.qformer_lm_head(step.last_hidden_state[:, -1]).float()  # (B, vocab)
             if do_sample:
                 logits = logits / temperature
                 if top_k is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -48,6 +51,82 @@ def build_qformer_attention_mask(
     return boolean_to_additive_mask(allowed[:, None], dtype)
 
 
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Blip2QFormerKeyValues:
+    """Keys and values of the Q-Former's attention layers, computed once and reused by later passes.
+
+    Two kinds, one container (each entry `(key, value)` is `(batch, heads, length, head_dim)`, or None for a layer
+    that has none):
+
+    - **Image key/values** (`Blip2QFormerModel.image_key_values`): every cross-attention layer's projection of the
+      image features. Passed as `encoder_key_values` instead of `encoder_hidden_states`, they spare each pass over
+      the same images the projections (stage 1 runs one pass for ITC, three image-text pairs per image for ITM;
+      retrieval reranks k texts per image; VQA asks several questions per image). `select` picks rows (e.g. the
+      image of each ITM pair); gradients flow back to the shared projections.
+    - **Self-attention key/values** of a pass (`return_key_values=True`): what later positions attend to. Passed as
+      `prefix_key_values`, a text-only pass attends to them as if they preceded it in the sequence: image-grounded
+      generation reads the queries of the contrastive pass (as LAVIS does), and decoding appends one token at a
+      time. `query_length` says how many of the leading positions are queries (for the attention masks).
+    """
+
+    layers: tuple[KeyValue | None, ...]
+    query_length: int = 0
+
+    def __post_init__(self) -> None:
+        shapes = {tuple(key.shape[:3:2]) for key, _ in self._present()}
+        if len(shapes) > 1:
+            raise ValueError(f"key/values must share batch size and length across layers, got {sorted(shapes)}")
+
+    def _present(self) -> list[KeyValue]:
+        return [entry for entry in self.layers if entry is not None]
+
+    @property
+    def batch_size(self) -> int:
+        present = self._present()
+        return present[0][0].shape[0] if present else 0
+
+    @property
+    def length(self) -> int:
+        """Number of positions (image tokens, or prefix positions)."""
+        present = self._present()
+        return present[0][0].shape[2] if present else 0
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> Blip2QFormerKeyValues:
+        """The rows `index` (e.g. one image per image-text pair); differentiable."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self._device())
+        return self._map(lambda tensor: tensor.index_select(0, index))
+
+    def repeat_interleave(self, repeats: int) -> Blip2QFormerKeyValues:
+        """Each row `repeats` times in a row (e.g. several questions or captions per image)."""
+        return self._map(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Blip2QFormerKeyValues]) -> Blip2QFormerKeyValues:
+        """The rows of `parts`, one after the other (same layers and lengths)."""
+        if not parts or len({(len(part.layers), part.query_length) for part in parts}) != 1:
+            raise ValueError("concatenate needs one or more key/values of the same layers and query length")
+        layers = []
+        for entries in zip(*(part.layers for part in parts), strict=True):
+            if any(entry is None for entry in entries):
+                if not all(entry is None for entry in entries):
+                    raise ValueError("concatenate needs key/values for the same layers")
+                layers.append(None)
+            else:
+                layers.append(tuple(torch.cat([entry[i] for entry in entries]) for i in range(2)))
+        return cls(tuple(layers), parts[0].query_length)
+
+    def _device(self) -> torch.device:
+        present = self._present()
+        return present[0][0].device if present else torch.device("cpu")
+
+    def _map(self, function: object) -> Blip2QFormerKeyValues:
+        layers = tuple(None if entry is None else (function(entry[0]), function(entry[1])) for entry in self.layers)
+        return Blip2QFormerKeyValues(layers, self.query_length)
+
+
 class Blip2QFormerMultiHeadAttention(nn.Module):
     """BERT multi-head attention; as cross-attention, keys and values come from the image features."""
 
@@ -64,23 +143,38 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
         batch, length, width = states.shape
         return states.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)  # (B, h, T, hd)
 
+    def key_value(self, source: torch.Tensor) -> KeyValue:
+        """`(B, S, key_value_width)` -> the `(B, heads, S, head_dim)` keys and values."""
+        return self._split_heads(self.key(source)), self._split_heads(self.value(source))
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         additive_mask: torch.Tensor | None,
         key_value_states: torch.Tensor | None = None,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        source = hidden_states if key_value_states is None else key_value_states
+        key_value: KeyValue | None = None,
+        prefix_key_value: KeyValue | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue]:
+        """Attends from `hidden_states` to `key_value_states` (cross-attention) or to themselves.
+
+        `key_value` gives the keys and values ready-made (from `key_value`) instead; `prefix_key_value` is put before
+        them (positions of an earlier pass). Returns the output, the attention probabilities when asked for, and the
+        keys and values attended to.
+        """
         query = self._split_heads(self.query(hidden_states))
-        key = self._split_heads(self.key(source))
-        value = self._split_heads(self.value(source))
+        if key_value is None:
+            key_value = self.key_value(hidden_states if key_value_states is None else key_value_states)
+        key, value = key_value
+        if prefix_key_value is not None:
+            key = torch.cat([prefix_key_value[0].to(key.dtype), key], dim=2)
+            value = torch.cat([prefix_key_value[1].to(value.dtype), value], dim=2)
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
         attended, weights = attend(
             query, key, value, additive_mask, dropout, self.config._attn_implementation, output_attentions
         )
         batch, _, length, _ = attended.shape
-        return attended.transpose(1, 2).reshape(batch, length, -1), weights
+        return attended.transpose(1, 2).reshape(batch, length, -1), weights, (key, value)
 
 
 class Blip2QFormerResidualOutput(nn.Module):
@@ -110,9 +204,13 @@ class Blip2QFormerAttentionBlock(nn.Module):
         additive_mask: torch.Tensor | None,
         key_value_states: torch.Tensor | None = None,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attention(hidden_states, additive_mask, key_value_states, output_attentions)
-        return self.output(attended, hidden_states), weights
+        key_value: KeyValue | None = None,
+        prefix_key_value: KeyValue | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue]:
+        attended, weights, key_value = self.attention(
+            hidden_states, additive_mask, key_value_states, output_attentions, key_value, prefix_key_value
+        )
+        return self.output(attended, hidden_states), weights, key_value
 
 
 class Blip2QFormerIntermediate(nn.Module):
@@ -150,21 +248,35 @@ class Blip2QFormerLayer(GradientCheckpointingLayer):
         encoder_additive_mask: torch.Tensor | None,
         query_length: int,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        hidden_states, self_weights = self.attention(hidden_states, additive_mask, output_attentions=output_attentions)
+        encoder_key: torch.Tensor | None = None,
+        encoder_value: torch.Tensor | None = None,
+        prefix_key: torch.Tensor | None = None,
+        prefix_value: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """One layer. The image's cross-attention keys/values (`encoder_key`/`encoder_value`) and an earlier pass's
+        self-attention keys/values (`prefix_key`/`prefix_value`) come as separate tensors, positional, so that
+        gradient checkpointing (re-entrant too) carries their gradients.
+
+        Returns the hidden states, the self- and cross-attention probabilities (when asked for), and the
+        self-attention keys and values (prefix included)."""
+        prefix = None if prefix_key is None else (prefix_key, prefix_value)
+        hidden_states, self_weights, (key, value) = self.attention(
+            hidden_states, additive_mask, output_attentions=output_attentions, prefix_key_value=prefix
+        )
         queries, text = hidden_states[:, :query_length], hidden_states[:, query_length:]
         cross_weights = None
         outputs = []
         if query_length > 0:
             if self.has_cross_attention:
-                queries, cross_weights = self.crossattention(
-                    queries, encoder_additive_mask, encoder_hidden_states, output_attentions
+                encoder = None if encoder_key is None else (encoder_key, encoder_value)
+                queries, cross_weights, _ = self.crossattention(
+                    queries, encoder_additive_mask, encoder_hidden_states, output_attentions, key_value=encoder
                 )
             outputs.append(self.output_query(self.intermediate_query(queries), queries))
         if text.shape[1] > 0:
             outputs.append(self.output(self.intermediate(text), text))
         hidden_states = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return hidden_states, self_weights, cross_weights
+        return hidden_states, self_weights, cross_weights, key, value
 
 
 class Blip2QFormerEncoder(nn.Module):

@@ -199,7 +199,8 @@ def itm_scores(
     """ITM positive-class logits `(P,)` of the pairs `(image_index[p], text_index[p])`, float32 on CPU.
 
     Pairs sorted by image (as `evaluate_retrieval` and `zero_shot_classify` pass them) move each image's features to
-    the device about once per batch rather than once per pair.
+    the device, and project them to the Q-Former's cross-attention keys and values, about once per batch rather than
+    once per pair.
     """
     _check_batch_size(batch_size)
     logits = []
@@ -209,8 +210,10 @@ def itm_scores(
             batch_images, batch_pairs = image_index[start : start + batch_size].unique(return_inverse=True)
             texts_batch = text_index[start : start + batch_size]
             image_embeds = images.image_embeds[batch_images.to(images.image_embeds.device)].to(model.device)
+            # Each distinct image's cross-attention keys and values are computed once and shared by its pairs.
+            image_key_values = model.qformer.image_key_values(image_embeds)
             pair_logits, _ = model.matching_outputs(
-                image_embeds[batch_pairs.to(model.device)],  # (B, S, Dv)
+                image_key_values.select(batch_pairs.to(model.device)),
                 texts.input_ids[texts_batch].to(model.device),
                 texts.attention_mask[texts_batch].to(model.device),
             )  # (B, 2): (no match, match)

@@ -266,8 +266,9 @@ def predict_answers(
             the processor a Q-Former tokenizer.
         batch_size: Images encoded together and questions generated together.
         reuse_image_encoding: Encode each distinct image once and share it among its questions: the vision encoder
-            and the Q-Former run once per image, or, with a question-conditioned Q-Former, the vision encoder runs
-            once per image and the Q-Former once per question. False: every question encodes its image again.
+            and the Q-Former run once per image, or, with a question-conditioned Q-Former, the vision encoder and
+            the Q-Former's cross-attention projections of the image run once per image and the Q-Former once per
+            question. False: every question encodes its image again.
         qformer_max_length: Longest Q-Former question (32 in the paper).
         generate_kwargs: Further `generate` arguments (e.g. `min_new_tokens`, `do_sample`).
 
@@ -308,9 +309,12 @@ def predict_answers(
                 chunk = used[start : start + batch_size]
                 pixel_values = _pixel_values(model, processor, [image_list[i] for i in chunk])
                 if with_text:
-                    # Only the vision features are shared: the Q-Former runs per question, on its question.
+                    # The vision features and their cross-attention keys and values are shared: the Q-Former runs
+                    # per question, on its question.
                     image_embeds = model.vision_model(pixel_values, return_dict=True).last_hidden_state
-                    encoding = Blip2ImageEncodingOutput(image_embeds=image_embeds)
+                    encoding = Blip2ImageEncodingOutput(
+                        image_embeds=image_embeds, image_key_values=model.qformer.image_key_values(image_embeds)
+                    )
                 else:
                     encoding = model.encode_images(pixel_values)
                 position = {image: row for row, image in enumerate(chunk)}
@@ -347,7 +351,9 @@ def _generate_answers(
     encoding = image_inputs.get("image_encoding")
     if encoding is not None and qformer:
         # The vision features are shared; the question-conditioned Q-Former runs for each question.
-        encoding = model.encode_images(image_embeds=encoding.image_embeds, **qformer)
+        encoding = model.encode_images(
+            image_embeds=encoding.image_embeds, image_key_values=encoding.image_key_values, **qformer
+        )
         image_inputs, qformer = {"image_encoding": encoding}, {}
     outputs = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, **image_inputs, **qformer, **generate_kwargs

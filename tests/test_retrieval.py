@@ -251,7 +251,18 @@ def test_zero_shot_classify_follows_itc_and_adds_itm(model) -> None:
     assert logits.shape == (3, 5)
     assert torch.allclose(logits, itc, atol=1e-5)
     assert torch.equal(logits.argmax(dim=1), itc.argmax(dim=1))
-    with_itm = zero_shot_classify(model, images, ids, mask, use_itm=True, batch_size=4)
+    projected_rows: list[int] = []  # images projected to the first cross-attention layer's keys
+    cross_attention = next(layer for layer in model.qformer.encoder.layer if layer.has_cross_attention)
+    hook = cross_attention.crossattention.attention.key.register_forward_hook(
+        lambda module, args, output: projected_rows.append(len(args[0]))
+    )
+    try:
+        with_itm = zero_shot_classify(model, images, ids, mask, use_itm=True, batch_size=4)
+    finally:
+        hook.remove()
+    # The ITC encoding of the 3 images, then 15 pairs, image by image, 4 per batch: each batch projects its
+    # distinct images once (1 + 2 + 2 + 1), not once per pair
+    assert projected_rows == [3, 1, 2, 2, 1]
     assert with_itm.shape == (3, 5)
     assert float(with_itm[1, 3]) == pytest.approx(float(itc[1, 3] + itm), abs=1e-4)
 

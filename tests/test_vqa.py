@@ -270,10 +270,15 @@ def test_reusing_image_encodings_gives_the_same_answers_with_one_vision_pass_per
     processor, images = _processor(), _images()
     images_seen: list[int] = []  # batch sizes of the vision encoder's calls
     qformer_rows: list[int] = []  # and of the Q-Former's
+    projected_rows: list[int] = []  # images projected to cross-attention keys (first cross-attention layer)
+    cross_attention = next(layer for layer in opt_model.qformer.encoder.layer if layer.has_cross_attention)
     hooks = [
         opt_model.vision_model.register_forward_hook(lambda module, args, output: images_seen.append(len(args[0]))),
         opt_model.qformer.register_forward_hook(
             lambda module, args, output: qformer_rows.append(len(output.last_hidden_state))
+        ),
+        cross_attention.crossattention.attention.key.register_forward_hook(
+            lambda module, args, output: projected_rows.append(len(args[0]))
         ),
     ]
     kwargs = {"image_index": IMAGE_INDEX, "use_qformer_text": use_qformer_text, **GREEDY}
@@ -282,6 +287,7 @@ def test_reusing_image_encodings_gives_the_same_answers_with_one_vision_pass_per
         assert sum(images_seen) == 3  # each distinct image once (in chunks of 2)
         # The queries of a question-conditioned Q-Former depend on the question: it runs once per question.
         assert sum(qformer_rows) == (4 if use_qformer_text else 3)
+        assert sum(projected_rows) == 3  # the image side of the Q-Former, too, once per distinct image
         images_seen.clear()
         again = predict_answers(opt_model, processor, images, QUESTIONS, reuse_image_encoding=False, **kwargs)
         assert sum(images_seen) == 4  # once per question

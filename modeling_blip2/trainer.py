@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
+from transformers.training_args import ParallelMode
 from transformers.utils import logging
 
 from .columns import SAMPLE_KEY, column_value, text_values
@@ -33,12 +34,38 @@ IGNORE_LABEL = -100
 NO_DECAY_NAMES = ("temp",)
 
 
+def _every_help(name: str, description: str) -> str:
+    return (
+        f"compute the {description} loss only on optimiser steps (global_step, from 0) divisible by this, at "
+        f"this times {name}_weight; 1 (default): every step, as in the paper. A departure from the paper that saves "
+        "compute at small budgets (ITM is about half a step); eval always computes every term at its plain weight"
+    )
+
+
 @dataclass
 class Blip2TrainingArguments(TrainingArguments):
     """`TrainingArguments` with the paper's defaults and BLIP-2's training knobs.
 
     Defaults (paper / LAVIS stage 1): AdamW betas (0.9, 0.98), weight decay 0.05 (never on biases, norms or the
     temperature), peak LR 1e-4 with linear warm-up then cosine decay to `min_lr` 1e-5.
+
+    Objective schedule (a departure from the paper, off by default): `itc_every`, `itm_every`, `itg_every` = k
+    computes that stage-1 term only on the optimiser steps whose index (`state.global_step`, counted from 0: the same
+    for every micro-batch of a gradient-accumulation step, and restored on resume) is a multiple of k, at k times its
+    weight. The paper computes all three losses on every step; at small budgets ITM (the Q-Former on the positives
+    and two sets of hard negatives) is about half of a step's compute, and computing it every k-th step buys more
+    steps of ITC and ITG. The rescaling keeps the term's total weight over k steps, hence its expected gradient, equal
+    to the unscheduled run's (exactly so for plain SGD; AdamW's normalisation and `max_grad_norm` clipping see one
+    larger gradient instead of k smaller ones, so there the match is approximate).
+
+    Evaluation always computes every term at its plain weight, so `eval_loss` stays comparable across schedules. The
+    logged training `loss` is the scheduled step loss (it jumps on the steps that add a scheduled term); the logged
+    `loss_itc` / `loss_itm` / `loss_itg` are means over the steps that computed them. Rules: a term with weight 0
+    stays off whatever its k; at least one term with a non-zero weight keeps k = 1 (otherwise step 1 would compute
+    nothing). Under DDP the parameters a step uses change with the schedule, which needs `find_unused_parameters`:
+    transformers' default, except with activation checkpointing, where `Blip2Trainer` asks for an explicit
+    `ddp_find_unused_parameters=True`; `ddp_find_unused_parameters=False` and `ddp_static_graph=True` are refused.
+    Stage 1 only: `Blip2Trainer` refuses a schedule for a `Blip2ForConditionalGeneration`.
     """
 
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
@@ -50,6 +77,9 @@ class Blip2TrainingArguments(TrainingArguments):
     itc_weight: float = field(default=1.0, metadata={"help": "weight of the image-text contrastive loss"})
     itm_weight: float = field(default=1.0, metadata={"help": "weight of the image-text matching loss"})
     itg_weight: float = field(default=1.0, metadata={"help": "weight of the image-grounded generation loss"})
+    itc_every: int = field(default=1, metadata={"help": _every_help("itc", "image-text contrastive")})
+    itm_every: int = field(default=1, metadata={"help": _every_help("itm", "image-text matching")})
+    itg_every: int = field(default=1, metadata={"help": _every_help("itg", "image-grounded generation")})
     layer_wise_lr_decay: float | None = field(
         default=None,
         metadata={"help": "scale each trainable layer's LR by decay ** (depth from the top); None to disable"},
@@ -81,6 +111,7 @@ class Blip2TrainingArguments(TrainingArguments):
         weights = (self.itc_weight, self.itm_weight, self.itg_weight)
         if any(weight < 0 for weight in weights) or not any(weights):
             raise ValueError(f"loss weights must be >= 0 and not all zero, got itc/itm/itg = {weights}")
+        self._check_objective_schedule()
         if self.layer_wise_lr_decay is not None and not 0 < self.layer_wise_lr_decay <= 1:
             raise ValueError(f"layer_wise_lr_decay must be in (0, 1], got {self.layer_wise_lr_decay}")
         for name in ("generation_max_new_tokens", "generation_num_beams"):
@@ -98,6 +129,57 @@ class Blip2TrainingArguments(TrainingArguments):
     def loss_weights(self) -> dict[str, float]:
         """Weight of each stage-1 term."""
         return {"itc": self.itc_weight, "itm": self.itm_weight, "itg": self.itg_weight}
+
+    @property
+    def loss_every(self) -> dict[str, int]:
+        """Every how many optimiser steps each stage-1 term is computed (1: every step, as in the paper)."""
+        return {"itc": self.itc_every, "itm": self.itm_every, "itg": self.itg_every}
+
+    @property
+    def has_objective_schedule(self) -> bool:
+        """Whether some term with a non-zero weight is computed less often than every step."""
+        return any(self.loss_every[name] > 1 for name, weight in self.loss_weights.items() if weight > 0)
+
+    def loss_weights_at(self, step: int | None = None) -> dict[str, float]:
+        """The stage-1 terms to compute on optimiser step `step` (0-based `state.global_step`) and their weights:
+        every term with a non-zero weight whose `*_every` divides `step`, at `weight * every`. None (evaluation):
+        every term with a non-zero weight, at its plain weight."""
+        weights, every = self.loss_weights, self.loss_every
+        if step is None:
+            return {name: weight for name, weight in weights.items() if weight > 0}
+        return {
+            name: weight * every[name] for name, weight in weights.items() if weight > 0 and step % every[name] == 0
+        }
+
+    def _check_objective_schedule(self) -> None:
+        for name, value in self.loss_every.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"{name}_every must be a positive integer (compute {name} every that many optimiser steps), "
+                    f"got {value!r}"
+                )
+        if not self.has_objective_schedule:
+            return
+        enabled = [name for name, weight in self.loss_weights.items() if weight > 0]
+        if all(self.loss_every[name] > 1 for name in enabled):
+            settings = ", ".join(f"{name}_every={self.loss_every[name]}" for name in enabled)
+            raise ValueError(
+                f"with {settings} (the terms with a non-zero weight), optimiser step 1 would compute no loss term: "
+                f"keep at least one of them at 1 (e.g. {enabled[0]}_every=1)"
+            )
+        if self.ddp_find_unused_parameters is False or self.ddp_static_graph:
+            flag = (
+                "ddp_find_unused_parameters=False"
+                if self.ddp_find_unused_parameters is False
+                else "ddp_static_graph=True"
+            )
+            raise ValueError(
+                f"an objective schedule ({self._schedule_text()}) changes which parameters a step uses, which "
+                f"distributed data parallel only allows with find_unused_parameters and no static graph: drop {flag}"
+            )
+
+    def _schedule_text(self) -> str:
+        return ", ".join(f"{name}_every={value}" for name, value in self.loss_every.items() if value != 1)
 
 
 def _columns(dataset: Any) -> list[str]:
@@ -117,7 +199,9 @@ class Blip2Trainer(Trainer):
     """A `Trainer` that composes the stage-1 losses and owns BLIP-2's optimisation policy.
 
     - Loss: `itc_weight * ITC + itm_weight * ITM + itg_weight * ITG`, only the terms with a non-zero weight are
-      computed; each term (and the temperature) is logged as a mean over the logging interval.
+      computed; each term (and the temperature) is logged as a mean over the logging interval. With an objective
+      schedule (`itm_every` etc., a departure from the paper, see `Blip2TrainingArguments`) a training step computes
+      only the terms due on it, at `weight * every`; evaluation always computes every term at its plain weight.
     - Parameter groups: no weight decay on biases, norms and `temp`; optional layer-wise LR decay applied through
       per-group learning rates, which the LR scheduler scales (it never overwrites them).
     - Frozen parts: the image encoder is frozen when `args.freeze_vision_encoder` (post-LayerNorm trainable) and
@@ -135,6 +219,14 @@ class Blip2Trainer(Trainer):
             model.freeze_vision_encoder()
         if model is not None:
             _check_collator_fits_model(kwargs.get("data_collator"), model)
+            if args is not None and not _is_stage1(model) and any(every != 1 for every in args.loss_every.values()):
+                raise ValueError(
+                    f"{args._schedule_text()} schedules stage-1 loss terms, but the model is "
+                    f"{type(unwrap_model(model)).__name__}, which trains on its LLM loss: leave itc_every, itm_every "
+                    "and itg_every at 1"
+                )
+            if args is not None:
+                _check_schedule_fits_ddp(args, model, args.parallel_mode == ParallelMode.DISTRIBUTED)
             if args is not None and args.predict_with_generate and _is_stage1(model):
                 raise ValueError(
                     "predict_with_generate evaluates a Blip2ForConditionalGeneration by generating text; a stage-1 "
@@ -164,8 +256,10 @@ class Blip2Trainer(Trainer):
         if not _is_stage1(model):
             # Stage 2 / fine-tuning: the LLM's own loss (token-normalised across accumulation steps by Trainer).
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        weights = self.args.loss_weights
-        enabled = tuple(name for name in LOSS_NAMES if weights[name] > 0)
+        # Training follows the objective schedule of the optimiser step (global_step: every micro-batch of an
+        # accumulation step agrees, and a resumed run restores it); evaluation computes every term at its plain weight.
+        weights = self.args.loss_weights_at(self.state.global_step if model.training else None)
+        enabled = tuple(name for name in LOSS_NAMES if name in weights)
         # A global batch without a hard negative (the last batch of an epoch may hold one image) skips ITM rather
         # than stopping the run; every rank agrees, the decision is on the gathered batch.
         outputs = model(**inputs, losses=enabled, itm_without_negatives="skip")
@@ -492,6 +586,21 @@ class _DecodedMetrics:
                 ids.append(token)
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return texts
+
+
+def _check_schedule_fits_ddp(args: Blip2TrainingArguments, model: nn.Module, distributed: bool) -> None:
+    """An objective schedule changes which parameters a step uses, which DDP allows with `find_unused_parameters`;
+    transformers turns that off by default under activation checkpointing, and DDP would fail at the second step."""
+    if not (distributed and args.has_objective_schedule and args.ddp_find_unused_parameters is None):
+        return
+    if getattr(args, "activation_checkpointing", False) or getattr(
+        unwrap_model(model), "is_activation_checkpointing", False
+    ):
+        raise ValueError(
+            f"an objective schedule ({args._schedule_text()}) under distributed data parallel with activation "
+            "checkpointing needs ddp_find_unused_parameters=True (transformers turns it off by default with "
+            "checkpointing, and the parameters a step uses change with the schedule): pass it explicitly"
+        )
 
 
 def _is_stage1(model: nn.Module) -> bool:

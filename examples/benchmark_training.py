@@ -103,8 +103,8 @@ memory above baseline with its ratio. Peak memory: each variant in a fresh proce
 here through /proc/<pid>/clear_refs and VmHWM, as `_peak_rss_increase` reads our workers) builds the model, trains one
 warm-up step on a copy, then `--memory-steps` (default 2) steps with a fresh optimiser; the inputs (pixels, cached
 features) exist before the baseline. Issue 13's targets are checked: (O)'s step at most 1/1.3 of (L)'s at paper
-widths and 1/1.1 at mid-size, (O+cache) faster than (O), (O)'s peak memory at most (L)'s. About 2 minutes for mid and
-15 for paper on 2 idle cores:
+widths and 1/1.1 at mid-size, (O+cache) faster than (O), (O)'s peak memory at most (L)'s. About 2 minutes for mid
+(3.5 at batch 16) and 8 for paper on 2 idle cores:
 
     bash scripts/setup_lavis.sh
     HF_HUB_OFFLINE=1 .venv/bin/python examples/benchmark_training.py --against-lavis
@@ -1582,7 +1582,7 @@ def main_against_lavis(args: argparse.Namespace, started: float) -> int:
     names = ["quick"] if args.quick else args.config or ["mid", "paper"]
     print(
         f"LAVIS comparison ({', '.join(names)}): threads={torch.get_num_threads()}, batch {args.batch_size}, "
-        f"LAVIS interpreter {lavis_python}; ours at {_git_head()}",
+        f"LAVIS interpreter {lavis_python}; modeling_blip2 at {_git_head()}",
         flush=True,
     )
     results = []
@@ -1640,14 +1640,14 @@ def comparison_json(result: ComparisonResult) -> dict[str, Any]:
 
 
 def _git_head() -> str:
-    """The commit our code is at (and whether modeling_blip2/ has uncommitted changes): its speed changes with it."""
+    """The last commit that changed modeling_blip2/ and whether it has uncommitted changes: ours' speed follows it."""
 
     def git(*arguments: str) -> str:
         done = subprocess.run(["git", *arguments], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         return done.stdout.strip() if done.returncode == 0 else ""
 
     try:
-        head = git("log", "-1", "--format=%h %s") or "unknown commit"
+        head = git("log", "-1", "--format=%h %s", "--", "modeling_blip2") or "unknown commit"
         dirty = git("status", "--porcelain", "--untracked-files=no", "modeling_blip2")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown commit"

@@ -77,7 +77,8 @@ difference of each loss term (ITC, ITM, ITG); above 1e-3 it exits with 1. Three 
 (L) LAVIS `Blip2Qformer`: `model({"image": pixels, "text_input": captions})` (it tokenizes, max_txt_len 32), backward,
     AdamW step, zero_grad; its encoder frozen by `freeze_vit`.
 (O) ours on the same pixels and the same token ids: `Blip2ForPretraining(...)` with all three losses, backward, AdamW
-    step, zero_grad: the same work in a plain loop (no Trainer, no clipping, no scheduler on either side).
+    step, zero_grad, in a plain loop (no Trainer, no clipping, no scheduler on either side), with
+    `return_itg_logits=False` as `Blip2Trainer` passes it (the ITG head skips the padding; the losses are the same).
 (O+cache) ours from `frozen_image_features`, the encoder's output cached once per batch beforehand (the caching time
     per batch is printed, not counted in the steps).
 
@@ -1060,8 +1061,9 @@ def ours_inputs(batch: dict[str, Any], features: torch.Tensor | None) -> dict[st
 def ours_training_step(
     model: Blip2ForPretraining, optimizer: torch.optim.Optimizer, inputs: dict[str, torch.Tensor]
 ) -> dict[str, float]:
-    """The same work as the LAVIS worker's step: forward with all three losses, backward, AdamW step, zero_grad."""
-    output = model(**inputs)
+    """The LAVIS worker's step: forward with all three losses, backward, AdamW step, zero_grad. The ITG head runs on
+    the predicted positions only, as under `Blip2Trainer` (LAVIS's runs on the padding too; the loss is the same)."""
+    output = model(**inputs, return_itg_logits=False)
     output.loss.backward()
     optimizer.step()
     optimizer.zero_grad()

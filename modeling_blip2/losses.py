@@ -13,6 +13,7 @@ Batch conventions (`W` ranks, `B` samples per rank, `Q` query tokens, `D` embedd
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -406,6 +407,33 @@ def itg_loss(
     shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B * (T - 1), V)
     shifted_labels = labels[:, 1:].reshape(-1)  # (B * (T - 1),)
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+
+
+def itg_loss_on_predicted_positions(
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
+) -> torch.Tensor:
+    """`itg_loss(head(hidden_states), labels)`, with the LM head run only on the positions that predict a token.
+
+    The logits of padding positions (and of the last position) are never used by the loss; skipping them saves the
+    `(B, T, V)` logits, their log-softmax and their share of the head's work. Same value and gradients.
+
+    Args:
+        hidden_states: `(B, T, H)` text outputs of the Q-Former.
+        labels: `(B, T)` token ids, -100 where no loss is taken.
+        head: Maps `(N, H)` states to `(N, V)` logits.
+    """
+    if hidden_states.dim() != 3 or hidden_states.shape[:2] != labels.shape:
+        raise ValueError(
+            f"expected hidden states (batch, length, hidden) and labels (batch, length), got shapes "
+            f"{tuple(hidden_states.shape)} and {tuple(labels.shape)}"
+        )
+    targets = labels[:, 1:]
+    predicted = targets != IGNORE_INDEX  # (B, T - 1): position t predicts label t + 1
+    logits = head(hidden_states[:, :-1][predicted])  # (N, V)
+    return F.cross_entropy(logits, targets[predicted], label_smoothing=label_smoothing)
 
 
 # --------------------------------------------------------------------------------------------------------------------

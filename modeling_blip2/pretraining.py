@@ -26,6 +26,7 @@ from .losses import (
     itc_loss,
     itg_inputs_and_labels,
     itg_loss,
+    itg_loss_on_predicted_positions,
     itm_loss,
     itm_negatives_exist,
     rank_and_world_size,
@@ -447,6 +448,7 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
         itm_without_negatives: str = "raise",
+        return_itg_logits: bool = True,
         **kwargs: Any,
     ) -> Blip2PretrainingOutput | tuple:
         """Computes the stage-1 losses on a batch of image-text pairs.
@@ -465,6 +467,9 @@ class Blip2ForPretraining(_Blip2Stage1Model):
                 one image id throughout, e.g. the last batch of an epoch): `"raise"` a `ValueError`, or `"skip"`
                 ITM for this batch (`loss_itm` is then a zero that keeps the ITM head in the graph, `itm_logits`
                 None; warned once). `Blip2Trainer` skips, so that an epoch always finishes.
+            return_itg_logits: Return the `(B, T, vocab)` ITG logits. False: the ITG head runs only on the positions
+                that predict a token (not on padding), `itg_logits` is None and `loss_itg` the same; this saves the
+                logits' memory and the head's work on padding. `Blip2Trainer` passes False.
         """
         if itm_without_negatives not in ITM_WITHOUT_NEGATIVES:
             raise ValueError(
@@ -512,10 +517,14 @@ class Blip2ForPretraining(_Blip2Stage1Model):
             decoder_input_ids, labels = itg_inputs_and_labels(
                 input_ids, attention_mask, self._decoder_start_token_id(), self.config.qformer_config.pad_token_id or 0
             )
-            output.itg_logits = self.itg_logits(
-                None, decoder_input_ids, attention_mask, query_key_values=query_pass.key_values
-            )
-            output.loss_itg = itg_loss(output.itg_logits, labels)
+            if return_itg_logits:
+                output.itg_logits = self.itg_logits(
+                    None, decoder_input_ids, attention_mask, query_key_values=query_pass.key_values
+                )
+                output.loss_itg = itg_loss(output.itg_logits, labels)
+            else:
+                text = self._text_after_queries(decoder_input_ids, attention_mask, query_pass.key_values)
+                output.loss_itg = itg_loss_on_predicted_positions(text, labels, self.qformer_lm_head)
         output.loss = Stage1Losses.combine(output.loss_itc, output.loss_itm, output.loss_itg).loss
         return output if _wants_dict(return_dict, self.config) else output.to_tuple()
 

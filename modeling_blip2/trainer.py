@@ -262,7 +262,8 @@ class Blip2Trainer(Trainer):
         enabled = tuple(name for name in LOSS_NAMES if name in weights)
         # A global batch without a hard negative (the last batch of an epoch may hold one image) skips ITM rather
         # than stopping the run; every rank agrees, the decision is on the gathered batch.
-        outputs = model(**inputs, losses=enabled, itm_without_negatives="skip")
+        # The ITG head runs on the predicted positions only: the loss needs no logits over the padding.
+        outputs = model(**inputs, losses=enabled, itm_without_negatives="skip", return_itg_logits=False)
         terms = {name: getattr(outputs, f"loss_{name}") for name in enabled}
         loss = sum(weights[name] * term for name, term in terms.items())
         sums, counts = (self._loss_sums, self._loss_counts) if model.training else (self._eval_sums, self._eval_counts)

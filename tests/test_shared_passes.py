@@ -182,3 +182,22 @@ def test_a_stage1_step_projects_each_image_once_and_runs_the_queries_once_for_it
         hook.remove()
     assert key_rows == [4] * len(layers)  # the 4 images, once per cross-attention layer (not 4 + 12 + 4 rows)
     assert query_rows == [4, 12]  # the contrastive query pass, then the 3 x 4 matching pairs; ITG adds none
+
+
+def test_itg_on_the_predicted_positions_only_gives_the_same_loss_and_gradients() -> None:
+    model = _training_model()
+    ids, mask = _texts()  # row 1 is padded: its last two positions predict nothing
+    images = pixels(batch=4)
+    results = []
+    for return_itg_logits in (True, False):
+        model.zero_grad()
+        output = model(ids, mask, pixel_values=images, losses=("itg",), return_itg_logits=return_itg_logits)
+        assert (output.itg_logits is None) != return_itg_logits
+        output.loss.backward()
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((output.loss_itg.detach(), gradients))
+    (full_loss, full_gradients), (predicted_loss, predicted_gradients) = results
+    assert torch.allclose(predicted_loss, full_loss, **TOLERANCE)
+    assert predicted_gradients.keys() == full_gradients.keys()
+    for name, gradient in full_gradients.items():
+        assert torch.allclose(predicted_gradients[name], gradient, **TOLERANCE), name

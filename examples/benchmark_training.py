@@ -83,7 +83,8 @@ difference of each loss term (ITC, ITM, ITG); above 1e-3 it exits with 1. Three 
     per batch is printed, not counted in the steps).
 
 Same optimiser everywhere: AdamW, LR 1e-4, betas (0.9, 0.98), weight decay 0.05 except on parameters with fewer than 2
-dimensions (LAVIS's runner's groups). Configurations (`--config`, repeatable; both by default):
+dimensions (LAVIS's runner's groups); ours runs it with the fused kernel, as `Blip2Trainer` does by default, LAVIS
+with torch's default implementation, as its runner does. Configurations (`--config`, repeatable; both by default):
 
 - `mid`: EVA ViT 384 wide x 6 blocks at 224 px / patch 16 (197 tokens), Q-Former 384 x 6 (6 heads, MLP 1536).
 - `paper`: the paper's widths: Q-Former 768 x 12 (12 heads, MLP 3072), image features 257 x 1408 from an EVA ViT-g-
@@ -1071,8 +1072,10 @@ def ours_training_step(
 
 
 def ours_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW as LAVIS's runner sets it up (and the worker): constant learning rate, no clipping."""
-    return torch.optim.AdamW(plain_parameter_groups(model), lr=LEARNING_RATE, betas=BETAS)
+    """AdamW with LAVIS's runner's settings (constant learning rate, no clipping) and the fused kernel, which
+    `Blip2Trainer` uses by default (transformers' `adamw_torch_fused`); LAVIS's runner uses torch's default
+    (foreach). The same update either way."""
+    return torch.optim.AdamW(plain_parameter_groups(model), lr=LEARNING_RATE, betas=BETAS, fused=True)
 
 
 def ours_for_training(model: Blip2ForPretraining) -> Blip2ForPretraining:

@@ -658,6 +658,7 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         encoder_key_values: Blip2QFormerKeyValues | None = None,
         prefix_key_values: Blip2QFormerKeyValues | None = None,
         return_key_values: bool = False,
+        output_positions: int | None = None,
         **kwargs: Any,
     ) -> Blip2QFormerOutput | tuple:
         """Runs the Q-Former.
@@ -679,6 +680,9 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
                 contrastive pass).
             return_key_values: Put this pass's self-attention keys and values (the prefix's included) in the
                 output's `key_values`, a `Blip2QFormerKeyValues`.
+            output_positions: Only the first `n` positions' outputs are wanted (e.g. the queries of an image-text
+                matching pair, or a text's `[CLS]`): the last layer computes no others (every position is still
+                attended to), and `last_hidden_state` is `(batch, n, hidden)`. Default: all positions.
         """
         if query_embeds is None or query_embeds.dim() != 3:
             shape = None if query_embeds is None else tuple(query_embeds.shape)
@@ -697,6 +701,12 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         # The Q-Former keeps its own (fp32) dtype; inputs from fp16/bf16 parts are cast at the boundary.
         dtype = self.layernorm.weight.dtype
         hidden_states = self.dropout(self.layernorm(query_embeds.to(dtype)))
+        if output_positions is not None and (
+            isinstance(output_positions, bool) or not isinstance(output_positions, int) or output_positions < 1
+        ):
+            raise ValueError(
+                f"output_positions must be a positive number of leading positions, got {output_positions!r}"
+            )
         prefix = self._check_prefix(prefix_key_values, batch, query_length)
         prefix_length = 0 if prefix is None else prefix.length
         additive_mask = self._self_attention_mask(
@@ -723,6 +733,7 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         all_attentions = () if output_attentions else None
         all_cross_attentions = () if output_attentions else None
         key_values = []
+        last = len(self.encoder.layer) - 1
         for index, layer in enumerate(self.encoder.layer):
             encoder_key_value = (
                 (None, None) if encoder is None or encoder.layers[index] is None else encoder.layers[index]
@@ -737,6 +748,7 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
                 output_attentions,
                 *encoder_key_value,
                 *prefix_key_value,
+                output_positions if index == last else None,
             )
             if return_key_values:
                 key_values.append((key, value))

@@ -498,7 +498,9 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         query_pass = self.query_outputs(image, return_key_values="itg" in losses)
         if "itc" in losses or "itm" in losses:
             output.image_features = self.project_image(query_pass.last_hidden_state)
-            output.text_features = self.project_text(self.text_outputs(input_ids, attention_mask).last_hidden_state)
+            # Only [CLS] is projected: the last layer computes no other text position.
+            text_pass = self.text_outputs(input_ids, attention_mask, output_positions=1)
+            output.text_features = self.project_text(text_pass.last_hidden_state)
             itc = itc_loss(output.image_features, output.text_features, temperature, image_ids=image_ids)
             output.similarity_image_to_text = itc.similarity_image_to_text
             output.similarity_text_to_image = itc.similarity_text_to_image
@@ -580,7 +582,8 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         all_masks = gather_no_grad(attention_mask) if world_size > 1 else attention_mask
         texts = torch.cat([input_ids, input_ids, all_ids[negative_text]])  # (3B, T)
         masks = torch.cat([attention_mask, attention_mask, all_masks[negative_text]])
-        return self.matching_outputs(images, texts, masks)[0]
+        # The ITM head reads the queries: the last layer computes no text position.
+        return self.matching_outputs(images, texts, masks, output_positions=self.config.num_query_tokens)[0]
 
     def _decoder_start_token_id(self) -> int:
         start = self.config.qformer_config.bos_token_id

@@ -252,17 +252,32 @@ class Blip2QFormerLayer(GradientCheckpointingLayer):
         encoder_value: torch.Tensor | None = None,
         prefix_key: torch.Tensor | None = None,
         prefix_value: torch.Tensor | None = None,
+        output_positions: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """One layer. The image's cross-attention keys/values (`encoder_key`/`encoder_value`) and an earlier pass's
         self-attention keys/values (`prefix_key`/`prefix_value`) come as separate tensors, positional, so that
         gradient checkpointing (re-entrant too) carries their gradients.
 
+        `output_positions=n` computes the outputs of the first `n` positions only (all positions are still attended
+        to): what a last layer needs when the rest of its outputs go unused.
+
         Returns the hidden states, the self- and cross-attention probabilities (when asked for), and the
         self-attention keys and values (prefix included)."""
         prefix = None if prefix_key is None else (prefix_key, prefix_value)
-        hidden_states, self_weights, (key, value) = self.attention(
-            hidden_states, additive_mask, output_attentions=output_attentions, prefix_key_value=prefix
-        )
+        if output_positions is not None and output_positions < hidden_states.shape[1]:
+            rows_mask = None if additive_mask is None else additive_mask[:, :, :output_positions]
+            hidden_states, self_weights, (key, value) = self.attention(
+                hidden_states[:, :output_positions],
+                rows_mask,
+                key_value_states=hidden_states,
+                output_attentions=output_attentions,
+                prefix_key_value=prefix,
+            )
+            query_length = min(query_length, output_positions)
+        else:
+            hidden_states, self_weights, (key, value) = self.attention(
+                hidden_states, additive_mask, output_attentions=output_attentions, prefix_key_value=prefix
+            )
         queries, text = hidden_states[:, :query_length], hidden_states[:, query_length:]
         cross_weights = None
         outputs = []

@@ -201,3 +201,31 @@ def test_itg_on_the_predicted_positions_only_gives_the_same_loss_and_gradients()
     assert predicted_gradients.keys() == full_gradients.keys()
     for name, gradient in full_gradients.items():
         assert torch.allclose(predicted_gradients[name], gradient, **TOLERANCE), name
+
+
+@pytest.mark.parametrize("attention_type", ["bidirectional", "unimodal", "multimodal_causal"])
+def test_output_positions_computes_the_same_leading_outputs(attention_type: str) -> None:
+    model = _training_model()
+    ids, mask = _texts()
+    image_embeds = model.image_embeddings(pixels(batch=4)).detach()
+    runs = []
+    for output_positions in (None, NUM_QUERY_TOKENS, NUM_QUERY_TOKENS + 2):
+        model.zero_grad()
+        states = model._queries_with_text(
+            image_embeds, ids, mask, attention_type, output_positions=output_positions
+        ).last_hidden_state
+        kept = states[:, : output_positions or NUM_QUERY_TOKENS + 2]
+        assert states.shape[1] == (output_positions or NUM_QUERY_TOKENS + ids.shape[1])
+        kept.pow(2).sum().backward()
+        runs.append((kept.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+    (full, full_gradients), *others = runs
+    for kept, gradients in others:
+        assert torch.allclose(kept, full[:, : kept.shape[1]], **TOLERANCE)
+    # the same gradients where the same outputs are used
+    last_states, last_gradients = others[-1]
+    for name, gradient in full_gradients.items():
+        assert torch.allclose(last_gradients[name], gradient, **TOLERANCE), name
+    text_only = model.text_outputs(ids, mask, output_positions=1).last_hidden_state
+    assert torch.allclose(text_only[:, 0], model.text_outputs(ids, mask).last_hidden_state[:, 0], **TOLERANCE)
+    with pytest.raises(ValueError, match="output_positions"):
+        model.text_outputs(ids, mask, output_positions=0)

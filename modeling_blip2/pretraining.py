@@ -604,15 +604,24 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.LongTensor:
         """Captions images through the ITG head (Q-Former only, no LLM): `(B, 1 + n)` ids starting with `[DEC]`.
 
-        Greedy by default; `do_sample=True` samples (with `temperature` and `top_k`). Rows that produced
+        Greedy by default; `do_sample=True` samples, from the logits divided by `temperature`, restricted to the
+        `top_k` most likely tokens and then to the nucleus of `top_p` (the smallest set of most likely tokens whose
+        probability reaches `top_p`; BLIP's CapFilt samples with 0.9), in transformers' order. Rows that produced
         `eos_token_id` (BERT's `[SEP]`) are padded from then on.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 to sample, got {temperature}")
+        if do_sample and top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None for no top-k filter), got {top_k}")
+        if do_sample and top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {top_p}")
         image_embeds = self.image_embeddings(pixel_values, frozen_image_features)
         batch = image_embeds.shape[0]
         pad = self.config.qformer_config.pad_token_id or 0
@@ -633,8 +642,15 @@ class Blip2ForPretraining(_Blip2Stage1Model):
             if do_sample:
                 logits = logits / temperature
                 if top_k is not None:
-                    threshold = logits.topk(top_k, dim=-1).values[:, -1:]
+                    threshold = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < threshold, float("-inf"))
+                if top_p is not None and top_p < 1:
+                    # Nucleus: drop a token once the tokens ranked above it hold top_p of the probability (the
+                    # most likely token always stays); the set transformers' TopPLogitsWarper keeps.
+                    sorted_logits, order = logits.sort(dim=-1, descending=True)
+                    probabilities = sorted_logits.softmax(dim=-1)
+                    outside = probabilities.cumsum(dim=-1) - probabilities >= top_p  # (B, vocab), sorted order
+                    logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
                 next_ids = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
             else:
                 next_ids = logits.argmax(dim=-1)

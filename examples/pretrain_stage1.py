@@ -69,6 +69,10 @@ class Stage1Arguments:
     cache_dtype: str = field(
         default="float16", metadata={"help": "storage dtype of cached features (float16 halves RAM)"}
     )
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "keep the cached features on disk there: built once, read back by later runs and ranks"},
+    )
 
 
 @dataclass
@@ -214,6 +218,7 @@ def check_qformer_tokenizer(tokenizer: Any, model: Blip2ForPretraining) -> None:
 def main(argv: list[str] | None = None) -> Blip2Trainer:
     parser = HfArgumentParser((Stage1Arguments, VisionModelArguments, Blip2TrainingArguments))
     args, vision, training_args = parser.parse_args_into_dataclasses(argv)
+    args.cache_image_features = args.cache_image_features or args.feature_cache_dir is not None
     if args.augment and args.cache_image_features:
         raise ValueError(
             "--augment changes every image every epoch: it cannot be combined with --cache_image_features"
@@ -231,6 +236,7 @@ def main(argv: list[str] | None = None) -> Blip2Trainer:
             image_id_column=args.image_id_column,
             batch_size=training_args.per_device_train_batch_size,
             dtype=getattr(torch, args.cache_dtype),
+            cache_dir=args.feature_cache_dir,
         )
     collator = Blip2ImageTextCollator(
         image_processor,

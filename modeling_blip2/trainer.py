@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +18,19 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from transformers.training_args import ParallelMode
 from transformers.utils import logging
 
-from .columns import SAMPLE_KEY, column_value, text_values
+from .columns import (
+    SAMPLE_KEY,
+    WEBDATASET_KEY,
+    caption_values,
+    column_value,
+    has_column,
+    image_id_value,
+    sample_rng,
+)
 from .end_token import EndTokenFromModel, model_end_token_ids, unwrap_model
 from .feature_cache import FrozenFeatureDataset as FrozenFeatureDataset  # re-exported: the collators read its examples
 from .pretraining import Blip2ForPretraining
@@ -232,6 +241,7 @@ class Blip2Trainer(Trainer):
         self._eval_counts: dict[str, int] = {}
         self._generation_overrides: dict[str, Any] = {}
         self._sample_keyed: _SampleKeyedDataset | None = None
+        self._stream: _SampleKeyedStream | None = None
         self._special_tokens: dict[str, Any] | None = None
         self.add_callback(_Blip2TrainingHooks(self))
         if self.args.predict_with_generate and self.compute_metrics is not None:
@@ -281,10 +291,20 @@ class Blip2Trainer(Trainer):
             self._special_tokens = None
 
     def get_train_dataloader(self) -> Any:
-        """transformers' loader; a collator that draws random numbers (augmentation, prefix-LM split) gets each
-        example's (epoch, index), so that its draws are a function of (seed, epoch, sample) and resuming from a
-        checkpoint reproduces the uninterrupted run exactly."""
+        """transformers' loader; a collator that draws random numbers (augmentation, prefix-LM split, caption
+        choice) gets each example's (epoch, index), so that its draws are a function of (seed, epoch, sample) and
+        resuming from a checkpoint reproduces the uninterrupted run exactly.
+
+        A streaming dataset (a `datasets.IterableDataset` from `load_dataset(..., streaming=True)`, or any torch
+        `IterableDataset` of dicts) is read through `_SampleKeyedStream`: examples are numbered in stream order
+        within each pass (epoch), the pass number reaches the dataset's `set_epoch` (shard order and shuffle
+        buffer), and the position reached is saved with every checkpoint so that a resumed run continues the
+        stream where it stopped (see `_SampleKeyedStream` for exactly what is guaranteed). Needs `max_steps`
+        (transformers refuses a stream without it)."""
         dataset = self.train_dataset
+        self._stream = None
+        if _is_stream(dataset):
+            return self._stream_dataloader(dataset)
         if not getattr(self.data_collator, "draws_per_sample", False) or not _is_map_style(dataset):
             return super().get_train_dataloader()
         self._sample_keyed = _SampleKeyedDataset(dataset)
@@ -293,6 +313,93 @@ class Blip2Trainer(Trainer):
             return super().get_train_dataloader()
         finally:
             self.train_dataset = dataset
+
+    def _stream_dataloader(self, dataset: Any) -> Any:
+        # (transformers refuses a dataset without a length and without max_steps when the Trainer is made)
+        if self.data_collator is None:
+            raise ValueError("a streaming training dataset needs a data collator (Blip2ImageTextCollator, ...)")
+        if (
+            self.accelerator.num_processes > 1
+            and self.accelerator.dispatch_batches is not False
+            and not self.accelerator.split_batches
+            and isinstance(self.data_collator, Blip2CaptionCollator)
+            and not self.data_collator.pad_to_max_length
+        ):
+            raise ValueError(
+                "with several processes, accelerate reads a stream on process 0 and concatenates one batch per "
+                "process (dispatch_batches), which needs batches of one shape; Blip2CaptionCollator pads each batch "
+                "to its longest caption: pass pad_to_max_length=True to the collator"
+            )
+        self._stream = _SampleKeyedStream(dataset, num_workers=self.args.dataloader_num_workers)
+        if not any(isinstance(callback, StreamPosition) for callback in self.callback_handler.callbacks):
+            self.add_callback(StreamPosition())
+        collator = self.data_collator
+        self.train_dataset = self._stream
+        self.data_collator = _StreamKeyCollator(collator)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset, self.data_collator = dataset, collator
+
+    def get_resumed_dataloader(self, dataloader: Any, num_batches: int) -> Any:
+        """transformers' skip of the batches trained before a checkpoint; a stream skips them itself (it resumes at
+        the saved position, without collating what it skips), so its loader is returned as is."""
+        if self._stream is not None:
+            return dataloader
+        return super().get_resumed_dataloader(dataloader, num_batches)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """transformers' batches of one optimiser step; from a stream, each batch's sample keys are taken out (the
+        model never sees them) and advance the stream position that checkpoints save."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._stream is not None:
+            keys = [batch.pop(STREAM_KEYS) for batch in batches if isinstance(batch, Mapping) and STREAM_KEYS in batch]
+            if keys:
+                self._stream_position().advance(torch.cat(keys), self.accelerator)
+        return batches, num_items_in_batch
+
+    def _stream_position(self) -> StreamPosition:
+        # Looked up each time: transformers replaces stateful callbacks when it restores their state.
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, StreamPosition):
+                return callback
+        raise RuntimeError("training from a stream without its StreamPosition callback")
+
+    def _resume_stream(self, state: Any) -> None:
+        """At the start of `train()`: where the stream starts (the saved position when resuming)."""
+        position = self._stream_position()
+        if state.global_step == 0:
+            position.reset(self._stream.num_workers)
+            self._stream.start(epoch_offset=0, epoch=0, consumed=None)
+            return
+        saved = state.stateful_callbacks.get(StreamPosition.__name__)
+        trainer_epoch = state.global_step // max(state.max_steps, 1)  # transformers' epochs_trained for a stream
+        if saved is None:
+            if not self.args.ignore_data_skip:
+                raise ValueError(
+                    f"resuming at step {state.global_step} from a checkpoint that holds no stream position (saved "
+                    "without a streaming dataset, or by an older version): it cannot tell where the stream stopped. "
+                    "Pass ignore_data_skip=True to restart the stream from its beginning"
+                )
+            position.reset(self._stream.num_workers)
+            state.stateful_callbacks[StreamPosition.__name__] = position.state()
+            self._stream.start(epoch_offset=-trainer_epoch, epoch=0, consumed=None)
+            return
+        attributes = saved.get("attributes", {})
+        epoch, consumed = int(attributes.get("epoch", 0)), [int(n) for n in attributes.get("consumed", [])]
+        if self.args.ignore_data_skip:  # the saved pass, from its beginning
+            position.reset(self._stream.num_workers, epoch=epoch)
+            self._stream.start(epoch_offset=epoch - trainer_epoch, epoch=epoch, consumed=None)
+            return
+        if len(consumed) != self._stream.num_workers:
+            raise ValueError(
+                f"the checkpoint's stream position is per DataLoader worker and holds {len(consumed)} of them (each "
+                "worker reads its own shards; dataloader_num_workers=0 counts as one), but this run has "
+                f"dataloader_num_workers={self.args.dataloader_num_workers}: resume with the same number of workers "
+                "(or pass ignore_data_skip=True to restart that pass from its beginning)"
+            )
+        position.reset(self._stream.num_workers, epoch=epoch, consumed=consumed)
+        self._stream.start(epoch_offset=epoch - trainer_epoch, epoch=epoch, consumed=consumed)
 
     # -- evaluation -------------------------------------------------------------------------------------------------
     def evaluate(self, *args: Any, **gen_kwargs: Any) -> dict[str, float]:
@@ -414,6 +521,9 @@ class _Blip2TrainingHooks(TrainerCallback):
         # transformers' align_special_tokens ran at the start of train(): undo it, the model's ids are the truth.
         if self.trainer._special_tokens is not None:
             _restore_special_token_ids(self.trainer.model, self.trainer._special_tokens)
+        # After the checkpoint's state is loaded, before the first epoch's iterator is made.
+        if self.trainer._stream is not None:
+            self.trainer._resume_stream(state)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # Before the epoch's iterator is made (so non-persistent loader workers copy the new epoch too).
@@ -502,14 +612,155 @@ def _is_map_style(dataset: Any) -> bool:
     )
 
 
-def sample_rng(seed: int, example: Mapping[str, Any], fallback: random.Random) -> random.Random:
-    """The random generator of one example: seeded by (seed, epoch, index) when `Blip2Trainer` keyed the example
-    (reproducible across resumes and worker processes), else the collator's own running generator."""
-    key = example.get(SAMPLE_KEY)
-    if key is None:
-        return fallback
-    epoch, index = key
-    return random.Random(f"{seed}:{epoch}:{index}")
+# Batch entry holding the (epoch, index) keys of a streamed batch's examples, (B, 2); taken out before the model.
+STREAM_KEYS = "__blip2_stream_keys__"
+
+
+def _is_stream(dataset: Any) -> bool:
+    """A streaming dataset: a torch `IterableDataset` (a `datasets.IterableDataset` is one once torch is imported)."""
+    if isinstance(dataset, IterableDataset):
+        return True
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return False
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+class _SampleKeyedStream(IterableDataset):
+    """A streaming dataset whose examples also carry `(epoch, index)` under `SAMPLE_KEY`, read by `Blip2Trainer`.
+
+    What each pass reads. Pass `epoch` (transformers' epoch; shifted on resume so that it keeps counting passes)
+    first calls the dataset's `set_epoch(epoch)`: a `datasets.IterableDataset` then orders its shards and fills its
+    shuffle buffer from `seed + epoch` (`dataset.shuffle(seed, buffer_size)`), a different order every pass. The
+    examples of a pass are numbered in stream order. With W > 0 DataLoader workers, worker w reads its own part of
+    the stream (a `datasets.IterableDataset` gives it every W-th shard; any other `IterableDataset` must split itself
+    with `torch.utils.data.get_worker_info()`, or every worker reads everything) and its i-th example gets index
+    `i * W + w`. Under several processes accelerate decides who reads: by default (`dispatch_batches`) process 0
+    reads the stream and sends each process its slice of every global batch; with `dispatch_batches=False` every
+    process reads the whole stream and keeps its slice. Either way the global batches, and the keys, are those of
+    one process reading with the global batch size.
+
+    Resume. `Blip2Trainer` records, per worker, how many examples of the current pass the completed optimiser steps
+    consumed (`StreamPosition`, saved in the checkpoint's `trainer_state.json`). A resumed run restarts the saved
+    pass with the same `set_epoch` (same shard order and shuffle buffer) and drops each worker's consumed examples
+    before the collator: no example of the pass is trained on twice and none is left out, and every later example
+    gets the key, hence the random draws (augmentation, caption choice), of the uninterrupted run. Dropping still
+    reads and decodes the dropped examples (streams have no random access), but neither collates nor trains on them.
+    With 0 workers the resumed run sees exactly the uninterrupted run's batches; with W workers each worker's
+    batches are the same, but the DataLoader starts its round-robin over the workers at worker 0 again, so the
+    order of batches after the resume can differ (when the steps before the checkpoint consumed a number of batches
+    that is not a multiple of W). transformers' own resume for a stream would instead re-read and collate all
+    `global_step * gradient_accumulation_steps` batches from the start of pass 0, which repeats data once a run has
+    passed the end of the stream.
+    """
+
+    def __init__(self, dataset: Any, num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.num_workers = max(1, num_workers)
+        # [transformers' epoch, epoch offset, resumed pass (-1: none), consumed examples per worker ...], in shared
+        # memory so that persistent DataLoader workers see set_epoch and start.
+        self._state = torch.zeros(3 + self.num_workers, dtype=torch.long).share_memory_()
+        self._state[2] = -1
+
+    @property
+    def epoch(self) -> int:
+        """The pass the next iteration reads."""
+        return int(self._state[0] + self._state[1])
+
+    def set_epoch(self, epoch: int) -> None:
+        """transformers' epoch (accelerate's loaders forward it here before each pass)."""
+        self._state[0] = epoch
+
+    def start(self, epoch_offset: int, epoch: int, consumed: Sequence[int] | None) -> None:
+        """Pass = transformers' epoch + `epoch_offset`; pass `epoch` drops each worker's first `consumed[w]`."""
+        self._state[1] = epoch_offset
+        self._state[2] = epoch if consumed is not None else -1
+        self._state[3:] = torch.tensor(list(consumed) if consumed is not None else [0] * self.num_workers)
+
+    def __iter__(self) -> Any:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        epoch = self.epoch
+        skip = int(self._state[3 + worker]) if int(self._state[2]) == epoch else 0
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        for position, example in enumerate(self.dataset):
+            if position < skip:
+                continue
+            if not isinstance(example, Mapping):
+                raise TypeError(
+                    f"streamed training examples must be dicts of columns, example {position} of pass {epoch} is "
+                    f"{type(example).__name__}"
+                )
+            yield {**example, SAMPLE_KEY: (epoch, position * workers + worker)}
+
+
+class _StreamKeyCollator:
+    """The collator of a streamed batch, plus the examples' (epoch, index) keys as a (B, 2) tensor under
+    `STREAM_KEYS` (a tensor, so that accelerate dispatches and slices it with the batch)."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+        self.keyed = bool(getattr(collator, "draws_per_sample", False))
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> Any:
+        keys = torch.tensor([example[SAMPLE_KEY] for example in examples], dtype=torch.long)  # (B, 2)
+        if not self.keyed:  # a collator that does not expect the key gets the user's columns only
+            examples = [{key: value for key, value in example.items() if key != SAMPLE_KEY} for example in examples]
+        batch = self.collator(examples)
+        if not isinstance(batch, MutableMapping):
+            raise TypeError(
+                "training from a stream needs a collator that returns a dict of tensors, "
+                f"{type(self.collator).__name__} returned {type(batch).__name__}"
+            )
+        batch[STREAM_KEYS] = keys
+        return batch
+
+
+class StreamPosition(TrainerCallback, ExportableState):
+    """Where a run reading a streaming dataset is: the pass (`epoch`) and, per DataLoader worker, how many examples
+    of that pass the completed optimiser steps consumed (`consumed`). `Blip2Trainer` adds it when it trains from a
+    stream; transformers saves its `state()` in every checkpoint's `trainer_state.json`, and a resumed run starts
+    the stream there (see `_SampleKeyedStream`)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.consumed: list[int] = [0]
+        self._position: torch.Tensor | None = None  # [epoch, consumed ...] on the batches' device, between saves
+
+    def reset(self, num_workers: int, epoch: int = 0, consumed: Sequence[int] | None = None) -> None:
+        """Start at pass `epoch`, `consumed[w]` examples in for worker w (none by default)."""
+        self._position = None
+        self.epoch = int(epoch)
+        self.consumed = [int(n) for n in consumed] if consumed is not None else [0] * max(1, num_workers)
+
+    def advance(self, keys: torch.Tensor, accelerator: Any) -> None:
+        """Take in the (n, 2) keys of one optimiser step's batches (this process's share of them); with several
+        processes the positions are gathered, so every process holds the global one. Stays on the device (no
+        synchronisation with it) until `state()` is read."""
+        workers = len(self.consumed)
+        position = self._position
+        if position is None or position.device != keys.device:
+            position = torch.tensor([self.epoch, *self.consumed], dtype=torch.long, device=keys.device)
+        epoch = torch.maximum(position[0], keys[:, 0].max())
+        counts = torch.where(epoch > position[0], torch.zeros_like(position[1:]), position[1:])
+        index = keys[:, 1]
+        reached = torch.where(keys[:, 0] == epoch, index // workers + 1, torch.zeros_like(index))
+        counts = counts.scatter_reduce(0, index % workers, reached, reduce="amax")
+        position = torch.cat([epoch[None], counts])
+        if accelerator.num_processes > 1:
+            every = accelerator.gather(position[None])  # (processes, 1 + workers)
+            epoch = every[:, 0].max()
+            latest = torch.where(every[:, :1] == epoch, every[:, 1:], torch.zeros_like(every[:, 1:]))
+            position = torch.cat([epoch[None], latest.amax(0)])
+        self._position = position
+
+    def state(self) -> dict[str, Any]:
+        if self._position is not None:
+            values = self._position.tolist()
+            self.epoch, self.consumed = values[0], values[1:]
+        return {"args": {}, "attributes": {"epoch": self.epoch, "consumed": list(self.consumed)}}
 
 
 def generation_prompts(batch: Mapping[str, Any], config: Any) -> dict[str, Any]:
@@ -696,13 +947,22 @@ class Blip2ImageTextCollator:
     WordPiece with `[DEC]`), right-truncated to `max_length` (32 in the paper) and padded to it (a fixed length, which
     cross-rank gathering needs).
 
+    Column names may be dotted to read nested values: a webdataset sample `{"__key__", "jpg", "txt", "json"}` trains
+    with `image_column="jpg"` and `text_column="txt"` or `"json.captions"`. A caption column may hold a list of
+    captions (CapFilt's kept captions, COCO's five): one is drawn per example at each step (see
+    `columns.caption_values`; seeded, different every epoch, repeated by a resumed run); the examples of one image
+    then share its image id, so that ITC treats the captions of an image that meet in a batch as positives.
+
     Args:
         image_processor: The BLIP-2 image processor (`blip2_image_processor(image_size)`).
         qformer_tokenizer: BERT tokenizer with `[DEC]` (`load_qformer_tokenizer`).
         augment: Apply `RandomResizedCropFlip` (the paper's training augmentation) before the image processor.
-        seed: Seed of the augmentation. Under `Blip2Trainer` each example's draws are a function of (seed, epoch,
-            example index), so a run resumed from a checkpoint augments exactly as the uninterrupted one.
-        image_id_column: Integer image ids (captions of one image are positives of each other); used when present.
+        seed: Seed of the augmentation and of the caption draws. Under `Blip2Trainer` each example's draws are a
+            function of (seed, epoch, example index), so a run resumed from a checkpoint draws exactly as the
+            uninterrupted one.
+        image_id_column: Image ids (captions of one image are positives of each other), used when the examples have
+            the column: integers, or strings (file names, keys), which become a stable 63-bit hash. Webdataset
+            samples without it use their `__key__` (hashed) as the image id. None: no image ids.
     """
 
     def __init__(
@@ -729,10 +989,11 @@ class Blip2ImageTextCollator:
         self.image_column, self.text_column, self.image_id_column = image_column, text_column, image_id_column
         self.seed = seed
         self.augmentation = _augmentation(image_processor, seed) if augment else None
-        self.draws_per_sample = augment
+        self.caption_rng = random.Random(seed)  # caption draws of examples that Blip2Trainer did not key
+        self.draws_per_sample = True  # caption lists are drawn from per example, whatever the augmentation
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        texts = text_values(examples, self.text_column)
+        texts = caption_values(examples, self.text_column, self.seed, self.caption_rng)
         encoded = self.qformer_tokenizer(
             texts,
             padding="max_length",
@@ -748,13 +1009,25 @@ class Blip2ImageTextCollator:
             batch["frozen_image_features"] = torch.stack([example["frozen_image_features"] for example in examples])
         else:
             batch["pixel_values"] = _pixel_values(examples, self.image_column, self.image_processor, self)
-        if self.image_id_column is not None and self.image_id_column in examples[0]:
-            ids = [
-                _image_id(example.get(self.image_id_column), i, self.image_id_column)
-                for i, example in enumerate(examples)
-            ]
-            batch["image_ids"] = torch.tensor(ids)
+        ids = batch_image_ids(examples, self.image_id_column)
+        if ids is not None:
+            batch["image_ids"] = ids
         return batch
+
+
+def batch_image_ids(examples: Sequence[Mapping[str, Any]], column: str | None) -> torch.Tensor | None:
+    """The (B,) image ids of a batch: from `column` when the first example has it (then every example must), else
+    from the webdataset `__key__` (hashed) when the examples have one; None without `column` or either source."""
+    if column is None or not examples:
+        return None
+    if not has_column(examples[0], column):
+        if not has_column(examples[0], WEBDATASET_KEY):
+            return None
+        column = WEBDATASET_KEY
+    values = [
+        image_id_value(column_value(example, i, column, "image id"), i, column) for i, example in enumerate(examples)
+    ]
+    return torch.tensor(values, dtype=torch.long)
 
 
 def _pixel_values(examples: Sequence[Mapping[str, Any]], column: str, image_processor: Any, collator: Any) -> Any:
@@ -797,24 +1070,6 @@ def image_input_side(image_processor: Any) -> int:
     )
 
 
-def _image_id(value: Any, index: int, column: str) -> int:
-    """An image id as an int; non-integral numbers and other types are refused (1.7 and 1.2 must not merge)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
-        value = value.item()
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (isinstance(value, float) and not value.is_integer())
-    ):
-        raise ValueError(
-            f"example {index} has image id {value!r} ({column!r}): image ids must be integers (captions with the same "
-            "id are positives of each other); map other ids (file names, floats) to integers first"
-        )
-    return int(value)
-
-
 class Blip2CaptionCollator(EndTokenFromModel):
     """Batches image-caption pairs for stage 2 and caption fine-tuning (`Blip2ForConditionalGeneration`).
 
@@ -835,8 +1090,14 @@ class Blip2CaptionCollator(EndTokenFromModel):
             token is kept).
         prefix_lm: Split captions for the encoder-decoder prefix-LM objective (stage 2).
         augment: The paper's random resized crop + flip.
-        seed: Seed of the augmentation and of the prefix split; under `Blip2Trainer` each example's draws are a
-            function of (seed, epoch, example index), so resuming reproduces the uninterrupted run.
+        image_column, text_column: The columns of the images and captions; dotted names read nested values
+            (`"json.captions"` in a webdataset sample). A caption column may hold a list of captions: one is drawn
+            per example at each step (`columns.caption_values`).
+        seed: Seed of the augmentation, the caption draws and the prefix split; under `Blip2Trainer` each example's
+            draws are a function of (seed, epoch, example index), so resuming reproduces the uninterrupted run.
+        pad_to_max_length: Pad every batch to `max_length` (fixed shapes) instead of to its longest row; needed when
+            several processes train from a stream with accelerate's default `dispatch_batches`, which concatenates
+            the batches of the processes.
     """
 
     def __init__(
@@ -851,6 +1112,7 @@ class Blip2CaptionCollator(EndTokenFromModel):
         image_column: str = "image",
         text_column: str = "text",
         seed: int = 0,
+        pad_to_max_length: bool = False,
     ) -> None:
         tokenizer = processor.tokenizer
         if processor.num_query_tokens is None:
@@ -864,13 +1126,15 @@ class Blip2CaptionCollator(EndTokenFromModel):
         self.prompt, self.max_length, self.prefix_lm = prompt, max_length, prefix_lm
         self.image_column, self.text_column = image_column, text_column
         self.seed, self.rng = seed, random.Random(seed)
+        self.caption_rng = random.Random(seed)  # caption draws of examples that Blip2Trainer did not key
         self.augmentation = _augmentation(processor.image_processor, seed) if augment else None
-        self.draws_per_sample = augment or (prefix_lm and is_encoder_decoder)
+        self.draws_per_sample = True  # caption lists are drawn from per example (and augmentation, prefix split)
+        self.pad_to_max_length = pad_to_max_length
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        captions = text_values(examples, self.text_column)
+        captions = caption_values(examples, self.text_column, self.seed, self.caption_rng)
         end_token = None if self.is_encoder_decoder else self._end_token()
         if "frozen_image_features" in examples[0]:  # from FrozenFeatureDataset: the encoder already ran
             if self.augmentation is not None:
@@ -886,12 +1150,13 @@ class Blip2CaptionCollator(EndTokenFromModel):
         ]
         image_ids = [self.processor.image_token_id] * self.processor.num_query_tokens
         encoder_rows = [image_ids + row[0] for row in rows]
-        batch["input_ids"], batch["attention_mask"] = _right_pad(encoder_rows, self.pad_id)
+        width = self.max_length if self.pad_to_max_length else None
+        batch["input_ids"], batch["attention_mask"] = _right_pad(encoder_rows, self.pad_id, width)
         if self.is_encoder_decoder:
-            batch["labels"], _ = _right_pad([row[1] for row in rows], IGNORE_LABEL)
+            batch["labels"], _ = _right_pad([row[1] for row in rows], IGNORE_LABEL, width)
         else:
             labels = [[IGNORE_LABEL] * len(image_ids) + row[1] for row in rows]
-            batch["labels"], _ = _right_pad(labels, IGNORE_LABEL)
+            batch["labels"], _ = _right_pad(labels, IGNORE_LABEL, width)
         return batch
 
     def _decoder_only_row(self, caption: str, end_token: int) -> tuple[list[int], list[int]]:
@@ -921,8 +1186,8 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def _right_pad(rows: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
+def _right_pad(rows: list[list[int]], pad_value: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows) if width is None else width
     ids = torch.tensor([row + [pad_value] * (width - len(row)) for row in rows])
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
     return ids, mask

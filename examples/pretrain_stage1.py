@@ -8,8 +8,19 @@
         --qformer_init_from google-bert/bert-base-uncased [--vision_feature_layer -2] [--num_query_tokens 32] \\
         --output_dir runs/stage1 --per_device_train_batch_size 32 --max_steps 1000 --cache_image_features
 
-`--dataset` is an image folder with a `metadata.jsonl` (`{"file_name": ..., "text": ...}` per line) or any `datasets`
-dataset name / saved dataset with an image column and a text column. The model comes from one of:
+    python examples/pretrain_stage1.py --dataset webdataset --data_files 'shards/*.tar' --streaming \
+        --config hub_configs/blip2-pretrain-vit-g --qformer_init_from path/to/bert --output_dir runs/stage1 \
+        --per_device_train_batch_size 32 --max_steps 1000 --save_steps 500
+
+`--dataset` is an image folder with a `metadata.jsonl` (`{"file_name": ..., "text": ...}` per line), any `datasets`
+dataset name / saved dataset with an image column and a text column, or a packaged builder over `--data_files`
+(`webdataset` .tar shards, `parquet` ...). `--streaming` reads it as a stream (shards shuffled and examples shuffled in
+a buffer of `--shuffle_buffer_size`, reshuffled every pass; needs `--max_steps`); a run resumed with
+`--resume_from_checkpoint` continues the stream where the checkpoint stopped. Webdataset samples train from their image
+member (jpg / png ...) and the caption list of their `.json` (`{"captions": [...]}`, one caption drawn per step) or
+their `.txt`, with `json.image_id` or the sample's `__key__` as image id; `--image_column`, `--text_column` (dotted
+names read nested values: `json.captions`) and `--image_id_column` override. A caption column may hold a list of
+captions in any dataset. The model comes from one of:
 
 - `--config` (a BLIP-2 config folder): the EVA image encoder, whose weights come from a BLIP-2 checkpoint
   (`--vision_model_from`) or stay random (useful for smoke runs only);
@@ -50,14 +61,37 @@ from modeling_blip2.checkpoint_io import check_local_checkpoint
 from modeling_blip2.conversion import load_safetensors
 from modeling_blip2.processing import QFORMER_START_TOKEN, with_qformer_start_token
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+from _common import StreamingArguments, check_streaming_options, load_training_data  # noqa: E402
+
 
 @dataclass
 class Stage1Arguments:
-    dataset: str = field(metadata={"help": "image folder (with metadata.jsonl), saved dataset or dataset name"})
+    dataset: str = field(
+        metadata={
+            "help": "image folder (with metadata.jsonl), saved dataset, dataset name, or a builder over --data_files "
+            "(webdataset, parquet ...)"
+        }
+    )
     dataset_split: str = "train"
-    image_column: str = "image"
-    text_column: str = "text"
-    image_id_column: str | None = field(default=None, metadata={"help": "column grouping captions of one image"})
+    image_column: str | None = field(
+        default=None, metadata={"help": "image column ('image'; webdataset: its jpg / jpeg / png / webp member)"}
+    )
+    text_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "caption column, a string or a list of captions (one drawn per step); dotted names read nested "
+            "values ('text'; webdataset: json.captions when present, else txt)"
+        },
+    )
+    image_id_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "column grouping captions of one image, integers or strings (none; webdataset: json.image_id "
+            "when present, else __key__)"
+        },
+    )
     config: str | None = field(default=None, metadata={"help": "folder with our config.json (e.g. hub_configs/...)"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "stage-1 checkpoint to continue from"})
     qformer_init_from: str | None = field(default=None, metadata={"help": "BERT folder to initialise the Q-Former"})
@@ -113,19 +147,11 @@ class VisionModelArguments:
         return {"num_query_tokens": 32, **options}
 
 
-def load_image_text_dataset(args: Stage1Arguments) -> datasets.Dataset:
-    """An image folder with metadata.jsonl, a dataset saved with save_to_disk, or a dataset name."""
-    if os.path.isdir(args.dataset) and os.path.isfile(os.path.join(args.dataset, "dataset_info.json")):
-        dataset = datasets.load_from_disk(args.dataset)
-    elif os.path.isdir(args.dataset):
-        dataset = datasets.load_dataset("imagefolder", data_dir=args.dataset, split=args.dataset_split)
-    else:
-        dataset = datasets.load_dataset(args.dataset, split=args.dataset_split)
-    if isinstance(dataset, datasets.DatasetDict):
-        dataset = dataset[args.dataset_split]
-    missing = {args.image_column, args.text_column} - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"the dataset has no column(s) {sorted(missing)}; it has {dataset.column_names}")
+def load_image_text_dataset(args: Any) -> datasets.Dataset:
+    """The (map-style) dataset of `args.dataset` / `args.dataset_split`, checked to hold `args.image_column` and
+    `args.text_column` (used by `finetune_caption.py`; the pretraining scripts also stream, see `_common`)."""
+    dataset = _common.load_image_text_dataset(args.dataset, args.dataset_split)
+    _common.resolve_columns(dataset, args.image_column, args.text_column, None)
     return dataset
 
 
@@ -216,24 +242,25 @@ def check_qformer_tokenizer(tokenizer: Any, model: Blip2ForPretraining) -> None:
 
 
 def main(argv: list[str] | None = None) -> Blip2Trainer:
-    parser = HfArgumentParser((Stage1Arguments, VisionModelArguments, Blip2TrainingArguments))
-    args, vision, training_args = parser.parse_args_into_dataclasses(argv)
+    parser = HfArgumentParser((Stage1Arguments, VisionModelArguments, StreamingArguments, Blip2TrainingArguments))
+    args, vision, streaming, training_args = parser.parse_args_into_dataclasses(argv)
     args.cache_image_features = args.cache_image_features or args.feature_cache_dir is not None
     if args.augment and args.cache_image_features:
         raise ValueError(
             "--augment changes every image every epoch: it cannot be combined with --cache_image_features"
         )
+    check_streaming_options(streaming, training_args.max_steps, args.cache_image_features)
     torch.manual_seed(training_args.seed)  # the new parts' initialisation
     model, tokenizer, image_processor = build_model(args, vision)
-    dataset = load_image_text_dataset(args)
+    dataset, image_column, text_column, image_id_column = load_training_data(args, streaming, training_args.seed)
     if args.cache_image_features:
         model.freeze_vision_encoder()
         dataset = FrozenFeatureDataset(
             dataset,
             model.vision_model,
             image_processor,
-            image_column=args.image_column,
-            image_id_column=args.image_id_column,
+            image_column=image_column,
+            image_id_column=image_id_column,
             batch_size=training_args.per_device_train_batch_size,
             dtype=getattr(torch, args.cache_dtype),
             cache_dir=args.feature_cache_dir,
@@ -243,13 +270,13 @@ def main(argv: list[str] | None = None) -> Blip2Trainer:
         tokenizer,
         max_length=args.max_text_length,
         augment=args.augment,
-        image_column=args.image_column,
-        text_column=args.text_column,
-        image_id_column=args.image_id_column,
+        image_column=image_column,
+        text_column=text_column,
+        image_id_column=image_id_column,
         seed=training_args.seed,
     )
     trainer = Blip2Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     tokenizer.save_pretrained(training_args.output_dir)
     image_processor.save_pretrained(training_args.output_dir)

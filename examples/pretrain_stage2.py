@@ -20,6 +20,11 @@ prefix-LM loss (each caption split at a random word). The image encoder and the 
 `--gguf_file` (with `--stage1`). `--cache_image_features` runs the frozen encoder once per image, `--augment` applies
 the paper's random resized crop and flip. The output folder (model + processor) captions with
 `pipeline("image-to-text", model=output_dir, trust_remote_code=True)`. Every `Blip2TrainingArguments` option works.
+
+The data options are `pretrain_stage1.py`'s: an image folder, saved dataset or dataset name, or a builder over
+`--data_files` (`--dataset webdataset --data_files 'shards/*.tar'`), optionally `--streaming` (needs `--max_steps`;
+resumes where a checkpoint stopped); webdataset samples default to their image member and their `.json` caption list
+(one caption drawn per step) or `.txt`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_stage1 import VisionModelArguments, load_image_text_dataset, saved_image_processor  # noqa: E402
+from _common import StreamingArguments, check_streaming_options, load_training_data  # noqa: E402
+from pretrain_stage1 import VisionModelArguments, saved_image_processor  # noqa: E402
 
 from modeling_blip2 import (  # noqa: E402
     Blip2CaptionCollator,
@@ -52,7 +58,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Stage2Arguments:
-    dataset: str = field(metadata={"help": "image folder (with metadata.jsonl), saved dataset or dataset name"})
+    dataset: str = field(
+        metadata={
+            "help": "image folder (with metadata.jsonl), saved dataset, dataset name, or a builder over --data_files "
+            "(webdataset, parquet ...)"
+        }
+    )
     language_model: str = field(metadata={"help": "LLM folder or Hub id (OPT, Llama-family, T5 ...)"})
     stage1: str | None = field(
         default=None, metadata={"help": "stage-1 checkpoint folder (Blip2ForPretraining); or pass --vision_model"}
@@ -64,9 +75,19 @@ class Stage2Arguments:
     tokenizer: str | None = field(default=None, metadata={"help": "LLM tokenizer (default: the LLM's)"})
     llm_dtype: str = field(default="float32", metadata={"help": f"frozen parts' dtype, one of {sorted(DTYPES)}"})
     dataset_split: str = "train"
-    image_column: str = "image"
-    text_column: str = "text"
-    image_id_column: str | None = None
+    image_column: str | None = field(
+        default=None, metadata={"help": "image column ('image'; webdataset: its jpg / jpeg / png / webp member)"}
+    )
+    text_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "caption column, a string or a list of captions (one drawn per step); dotted names read nested "
+            "values ('text'; webdataset: json.captions when present, else txt)"
+        },
+    )
+    image_id_column: str | None = field(
+        default=None, metadata={"help": "images sharing an id share one cached feature (--cache_image_features)"}
+    )
     prompt: str = field(default="", metadata={"help": "text before every caption"})
     max_length: int = 64
     augment: bool = field(default=False, metadata={"help": "random resized crop + flip (the paper's augmentation)"})
@@ -139,14 +160,15 @@ def build_from_unimodal(
 
 
 def main(argv: list[str] | None = None) -> Blip2Trainer:
-    parser = HfArgumentParser((Stage2Arguments, VisionModelArguments, Blip2TrainingArguments))
-    args, vision, training_args = parser.parse_args_into_dataclasses(argv)
+    parser = HfArgumentParser((Stage2Arguments, VisionModelArguments, StreamingArguments, Blip2TrainingArguments))
+    args, vision, streaming, training_args = parser.parse_args_into_dataclasses(argv)
     if args.llm_dtype not in DTYPES:
         raise ValueError(f"--llm_dtype must be one of {sorted(DTYPES)}, got {args.llm_dtype!r}")
     if args.augment and args.cache_image_features:
         raise ValueError(
             "--augment changes every image every epoch: it cannot be combined with --cache_image_features"
         )
+    check_streaming_options(streaming, training_args.max_steps, args.cache_image_features)
     torch.manual_seed(training_args.seed)  # the new parts' initialisation
     if vision.vision_model is not None:
         model, processor = build_from_unimodal(args, vision)
@@ -158,14 +180,14 @@ def main(argv: list[str] | None = None) -> Blip2Trainer:
     model.apply_precision_policy(DTYPES[args.llm_dtype])
     model.freeze_vision_encoder()
     model.freeze_language_model()
-    dataset = load_image_text_dataset(args)
+    dataset, image_column, text_column, image_id_column = load_training_data(args, streaming, training_args.seed)
     if args.cache_image_features:
         dataset = FrozenFeatureDataset(
             dataset,
             model.vision_model,
             processor.image_processor,
-            image_column=args.image_column,
-            image_id_column=args.image_id_column,
+            image_column=image_column,
+            image_id_column=image_id_column,
             batch_size=training_args.per_device_train_batch_size,
             dtype=getattr(torch, args.cache_dtype),
         )
@@ -176,13 +198,15 @@ def main(argv: list[str] | None = None) -> Blip2Trainer:
         max_length=args.max_length,
         prefix_lm=model.config.is_encoder_decoder,
         augment=args.augment,
-        image_column=args.image_column,
-        text_column=args.text_column,
+        image_column=image_column,
+        text_column=text_column,
         seed=training_args.seed,
+        # several processes reading a stream concatenate their batches (accelerate's dispatch): one shape
+        pad_to_max_length=streaming.streaming and training_args.world_size > 1,
     )
     training_args.freeze_vision_encoder = True
     trainer = Blip2Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     processor.save_pretrained(training_args.output_dir)
     return trainer

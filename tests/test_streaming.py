@@ -338,3 +338,41 @@ def test_pretrain_examples_stream_webdataset_shards(tmp_path, monkeypatch) -> No
         load_example("pretrain_stage1").main(
             [*data, *_COMMON, "--config", str(tmp_path / "config"), "--output_dir", str(tmp_path / "x")]
         )
+
+
+def test_capfilt_output_streams_into_stage1_with_its_caption_lists(tmp_path, monkeypatch) -> None:
+    """CapFilt's webdataset output (kept captions in `.json`, best first; the input's image id carried over) trains
+    stage 1 through the example with the default webdataset columns."""
+    from tiny import randomise_
+
+    from modeling_blip2.capfilt import load_captioner_and_scorer, run_capfilt
+
+    tokenizer = tiny_qformer_tokenizer()
+    config = stage1_config_dict(dec_id=tokenizer.bos_token_id)
+    config["qformer_config"]["vocab_size"] = len(tokenizer)
+    randomise_(Blip2ForPretraining(Blip2Config(**config)), std=0.1, seed=3).save_pretrained(tmp_path / "capfilt")
+    tokenizer.save_pretrained(tmp_path / "capfilt")
+    blip2_image_processor(28).save_pretrained(tmp_path / "capfilt")
+    write_webdataset_shards(tmp_path / "web", 8, 2)
+    captioner, scorer = load_captioner_and_scorer(tmp_path / "capfilt", tmp_path / "capfilt", device="cpu")
+    run_capfilt(
+        [str(tmp_path / "web" / "*.tar")],
+        captioner,
+        scorer,
+        tmp_path / "shards",
+        num_captions=4,
+        keep=2,
+        batch_size=4,
+        progress=False,
+    )
+    Blip2Config(**stage1_config_dict(tokenizer.convert_tokens_to_ids("[DEC]"))).save_pretrained(tmp_path / "config")
+    monkeypatch.chdir(tmp_path)
+    trainer = load_example("pretrain_stage1").main(
+        ["--dataset", "webdataset", "--data_files", "shards/*.tar", "--streaming", *_COMMON,
+         "--config", str(tmp_path / "config"), "--qformer_tokenizer", str(tmp_path / "capfilt"),
+         "--max_text_length", "8", "--max_steps", "3", "--save_strategy", "no", "--output_dir", str(tmp_path / "run")]
+    )  # fmt: skip
+    collator = trainer.data_collator
+    assert (collator.text_column, collator.image_id_column) == ("json.captions", "json.image_id")
+    assert trainer.state.global_step == 3
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)

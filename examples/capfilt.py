@@ -55,6 +55,9 @@ class CapFiltArguments:
     seed: int = 0
     device: str | None = field(default=None, metadata={"help": "default: cuda when available, else cpu"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads for torch (default: torch's; 1 is steadiest on a busy machine)"}
+    )
     no_progress: bool = field(default=False, metadata={"help": "hide the progress bars"})
 
 
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> CapFiltReport:
     check_capfilt_settings(args.data_files, args.num_captions, args.keep, args.batch_size, args.output_format)
     if args.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    if args.num_threads is not None:
+        if args.num_threads < 1:
+            raise ValueError(f"--num_threads must be >= 1, got {args.num_threads}")
+        torch.set_num_threads(args.num_threads)
     sampling = SamplingOptions(
         top_p=args.top_p,
         temperature=args.temperature,
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> CapFiltReport:
             **asdict(sampling),
             "device": str(scorer.model.device),
             "dtype": args.dtype,
+            "num_threads": torch.get_num_threads(),
         },
     )
     print(json.dumps(asdict(report), indent=2))

@@ -125,10 +125,8 @@ def _pixel_values(image_processor: Any, images: Sequence[Image.Image], device: t
 
 
 class Blip2ItgCaptioner:
-    """Captions with a stage-1 `Blip2ForPretraining`'s ITG head (`generate` with nucleus sampling).
-
-    The frozen encoder runs once per image; its features are repeated for the image's `num_captions` samples.
-    """
+    """Captions with a stage-1 `Blip2ForPretraining`'s ITG head (`generate` with nucleus sampling and
+    `num_return_sequences`: the encoder and the query pass run once per image)."""
 
     def __init__(
         self,
@@ -146,10 +144,9 @@ class Blip2ItgCaptioner:
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image], num_captions: int) -> list[list[str]]:
-        pixel_values = _pixel_values(self.image_processor, images, self.model.device)
-        features = self.model.vision_model.forward_features(pixel_values)  # (B, S, D), before the post-LayerNorm
         ids = self.model.generate(
-            frozen_image_features=features.repeat_interleave(num_captions, dim=0),  # (B * n, S, D)
+            pixel_values=_pixel_values(self.image_processor, images, self.model.device),
+            num_return_sequences=num_captions,  # each image's samples side by side
             max_new_tokens=self.sampling.max_new_tokens,
             eos_token_id=self.tokenizer.sep_token_id,
             do_sample=True,

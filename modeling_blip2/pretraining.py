@@ -606,16 +606,22 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        num_return_sequences: int = 1,
     ) -> torch.LongTensor:
-        """Captions images through the ITG head (Q-Former only, no LLM): `(B, 1 + n)` ids starting with `[DEC]`.
+        """Captions images through the ITG head (Q-Former only, no LLM): `(B * num_return_sequences, 1 + n)` ids
+        starting with `[DEC]`, each image's sequences side by side (as transformers' `generate` returns them).
 
         Greedy by default; `do_sample=True` samples, from the logits divided by `temperature`, restricted to the
         `top_k` most likely tokens and then to the nucleus of `top_p` (the smallest set of most likely tokens whose
         probability reaches `top_p`; BLIP's CapFilt samples with 0.9), in transformers' order. Rows that produced
-        `eos_token_id` (BERT's `[SEP]`) are padded from then on.
+        `eos_token_id` (BERT's `[SEP]`) are padded from then on. With `num_return_sequences`, the image encoder and
+        the query pass run once per image and their keys and values are repeated for its sequences (CapFilt samples
+        10 captions per image).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 to sample, got {temperature}")
         if do_sample and top_k is not None and top_k < 1:
@@ -623,12 +629,14 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         if do_sample and top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {top_p}")
         image_embeds = self.image_embeddings(pixel_values, frozen_image_features)
-        batch = image_embeds.shape[0]
+        batch = image_embeds.shape[0] * num_return_sequences
         pad = self.config.qformer_config.pad_token_id or 0
         ids = torch.full((batch, 1), self._decoder_start_token_id(), dtype=torch.long, device=image_embeds.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         # The queries run once; each step feeds only the newest token, attending to the keys and values so far.
         prefix = self.query_outputs(image_embeds, return_key_values=True).key_values
+        if num_return_sequences > 1:
+            prefix = prefix.repeat_interleave(num_return_sequences)  # (B, ...) -> (B * n, ...)
         for position in range(min(max_new_tokens, self.config.qformer_config.max_position_embeddings - 1)):
             step = self._text_after_queries(
                 ids[:, -1:],
@@ -646,11 +654,22 @@ class Blip2ForPretraining(_Blip2Stage1Model):
                     logits = logits.masked_fill(logits < threshold, float("-inf"))
                 if top_p is not None and top_p < 1:
                     # Nucleus: drop a token once the tokens ranked above it hold top_p of the probability (the
-                    # most likely token always stays); the set transformers' TopPLogitsWarper keeps.
-                    sorted_logits, order = logits.sort(dim=-1, descending=True)
-                    probabilities = sorted_logits.softmax(dim=-1)
-                    outside = probabilities.cumsum(dim=-1) - probabilities >= top_p  # (B, vocab), sorted order
-                    logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
+                    # most likely token always stays); the set transformers' TopPLogitsWarper keeps. Sorting the
+                    # whole vocabulary is the slow part: rows whose nucleus lies within their top 256 tokens (a
+                    # trained model's, mostly) rank only those; the others sort everything.
+                    probabilities = logits.softmax(dim=-1)
+                    outside = torch.ones_like(logits, dtype=torch.bool)  # (B, vocab)
+                    top, order = probabilities.topk(min(256, logits.shape[-1]), dim=-1)  # descending
+                    covered = top.sum(dim=-1) >= top_p
+                    if not bool(covered.all()):
+                        rest = (~covered).nonzero().squeeze(1)
+                        ranked, ranked_order = probabilities[rest].sort(dim=-1, descending=True)
+                        ranked_outside = ranked.cumsum(dim=-1) - ranked >= top_p
+                        outside[rest] = outside[rest].scatter(1, ranked_order, ranked_outside)
+                    rows = covered.nonzero().squeeze(1)
+                    top, order = top[rows], order[rows]
+                    outside[rows] = outside[rows].scatter(1, order, top.cumsum(dim=-1) - top >= top_p)
+                    logits = logits.masked_fill(outside, float("-inf"))
                 next_ids = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
             else:
                 next_ids = logits.argmax(dim=-1)

@@ -142,7 +142,7 @@ def _read_webdataset(folder: Path) -> list[dict]:
 # -- the ITG head's nucleus sampling --------------------------------------------------------------------------------
 
 
-def test_itg_generate_samples_from_the_nucleus() -> None:
+def test_itg_generate_samples_from_the_nucleus_and_several_sequences_per_image() -> None:
     model = _stage1_model()
     pixel_values = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     dec = model.config.qformer_config.bos_token_id
@@ -169,10 +169,47 @@ def test_itg_generate_samples_from_the_nucleus() -> None:
     assert len(drawn) >= 2 and drawn <= nucleus  # several tokens drawn, none outside the nucleus
     assert len(set(sample(400, 1)[:, 1].tolist()) - nucleus) > 0  # without the filter, others come up
 
+    # Several sequences per image: the same as the image repeated (its encoding is computed once and repeated).
+    images = torch.cat([pixel_values, -pixel_values])
+    assert torch.equal(
+        model.generate(pixel_values=images, max_new_tokens=5, num_return_sequences=3),
+        model.generate(pixel_values=images.repeat_interleave(3, dim=0), max_new_tokens=5),
+    )
+    generators = [torch.Generator().manual_seed(3) for _ in range(2)]
+    options = {"max_new_tokens": 5, "do_sample": True, "top_p": 0.8, "temperature": TEMPERATURE}
+    assert torch.equal(
+        model.generate(pixel_values=images, num_return_sequences=3, generator=generators[0], **options),
+        model.generate(pixel_values=images.repeat_interleave(3, dim=0), generator=generators[1], **options),
+    )
+
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         sample(1, 1, top_p=0.0)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         sample(1, 1, temperature=0.0)
+    with pytest.raises(ValueError, match="num_return_sequences must be >= 1"):
+        sample(1, 1, num_return_sequences=0)
+
+
+def test_itg_nucleus_ranks_the_top_tokens_or_the_whole_vocabulary_row_by_row() -> None:
+    """Rows whose nucleus lies within their top 256 tokens rank only those, the others sort the whole vocabulary:
+    one batch with both kinds of rows (fixed next-token logits over 400 tokens) samples from transformers' nucleus."""
+    model = _stage1_model()
+    generator = torch.Generator().manual_seed(1)
+    flat, peaked = torch.randn(400, generator=generator) * 0.1, torch.randn(400, generator=generator) * 4
+
+    class FixedLogits(torch.nn.Module):
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # even rows flat, odd rows peaked
+            return torch.stack([flat, peaked])[torch.arange(hidden.shape[0]) % 2]
+
+    model.qformer_lm_head = FixedLogits()
+    images = torch.zeros(600, 3, IMAGE_SIZE, IMAGE_SIZE)
+    drawn = model.generate(pixel_values=images, max_new_tokens=1, do_sample=True, top_p=0.9, generator=generator)
+    for logits, tokens, sizes in ((flat, drawn[0::2, 1], (257, 400)), (peaked, drawn[1::2, 1], (2, 256))):
+        warped = transformers.TopPLogitsWarper(top_p=0.9)(None, logits[None])
+        nucleus = set(torch.isfinite(warped[0]).nonzero().flatten().tolist())
+        assert sizes[0] <= len(nucleus) < sizes[1]  # beyond the top 256 (sorted), and within them
+        assert set(tokens.tolist()) <= nucleus and len(set(tokens.tolist())) >= min(len(nucleus), 50) // 2
+    assert set(drawn[0::2, 1].tolist()) - set(flat.topk(256).indices.tolist())  # tokens past the top 256 come up
 
 
 # -- ranking ------------------------------------------------------------------------------------------------------

@@ -33,10 +33,12 @@ __all__ = [
     "itc_loss",
     "itg_inputs_and_labels",
     "itg_loss",
+    "itg_num_predicted_tokens",
     "itm_labels",
     "itm_loss",
     "rank_and_world_size",
     "sample_hard_negatives",
+    "token_share_across_ranks",
 ]
 
 
@@ -272,6 +274,7 @@ def sample_hard_negatives(
     similarity_text_to_image: torch.Tensor,
     image_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one hard negative image per text and one hard negative text per image, weighted by similarity.
 
@@ -279,11 +282,18 @@ def sample_hard_negatives(
     with `image_ids` every column with the same image id); the draw is `multinomial(softmax(similarity))` over the
     candidates. The inputs are never modified. Needs at least two distinct images in the (gathered) batch.
 
+    With `seed` (the same on every rank) the draws no longer depend on how the batch is split over processes: the
+    random numbers are drawn for the whole `(N, N)` gathered batch from a generator seeded with it, each rank keeps
+    the rows of its samples, and row `i` takes `argmax_j(similarity[i, j] + gumbel[i, j])` over its candidates (the
+    Gumbel-max trick, exactly a draw from the same softmax). `W` ranks of `B` samples then draw the negatives one
+    process draws on the `W * B` batch, for the same seed.
+
     Args:
         similarity_image_to_text: `(B, N)` from `itc_loss`, local images against gathered texts.
         similarity_text_to_image: `(B, N)` from `itc_loss`, local texts against gathered images.
         image_ids: Optional `(B,)` local image ids (gathered here when the columns are gathered).
         generator: Optional generator for the draws (on the similarities' device).
+        seed: Optional seed of draws that depend only on the seed and the gathered batch (not with `generator`).
 
     Returns:
         `(negative_image_index_per_text, negative_text_index_per_image)`, both `(B,)` long indices into the `N`
@@ -310,11 +320,24 @@ def sample_hard_negatives(
             "candidate because every sample shares their image id"
         )
 
+    if seed is not None and generator is not None:
+        raise ValueError("pass a generator or a seed for the hard-negative draws, not both")
+    device, dtype = similarity_image_to_text.device, torch.promote_types(similarity_image_to_text.dtype, torch.float32)
+    shared = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    offset = _column_offset(num_rows, num_columns)
+    rows = slice(offset, offset + num_rows)  # this rank's rows of the gathered batch
+
     def draw(similarity: torch.Tensor) -> torch.Tensor:
         # Masking before the softmax (out of place) keeps the candidates' weights from underflowing to zero when the
         # positive dominates at a small temperature.
-        weights = similarity.float().masked_fill(positives, float("-inf")).softmax(dim=1)  # (B, N)
-        return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
+        logits = similarity.to(dtype).masked_fill(positives, float("-inf"))  # (B, N)
+        if shared is None:
+            return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)  # (B,)
+        # Noise for every row of the gathered batch, this rank's rows kept: the same numbers on any world size.
+        # -log(Exp(1)) is Gumbel(0, 1); the clamp keeps an exact zero from becoming +inf (and NaN on a positive).
+        noise = torch.empty(num_columns, num_columns, device=device).exponential_(generator=shared)  # (N, N)
+        gumbel = -noise[rows].clamp_(min=torch.finfo(noise.dtype).tiny).log().to(dtype)  # (B, N)
+        return (logits + gumbel).argmax(dim=1)  # (B,)
 
     return draw(similarity_text_to_image), draw(similarity_image_to_text)
 
@@ -407,6 +430,36 @@ def itg_loss(
     shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B * (T - 1), V)
     shifted_labels = labels[:, 1:].reshape(-1)  # (B * (T - 1),)
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+
+
+def token_share_across_ranks(num_tokens: torch.Tensor) -> torch.Tensor:
+    """`W * n_r / sum_s n_s` (a float64 scalar) for this rank's `n_r` predicted tokens: 1 in a single process.
+
+    A token-mean loss times this factor is the rank's share of the token mean over the gathered batch, so that after
+    distributed data parallel averages the gradients over the `W` ranks, training follows the gradient of the token
+    mean over all ranks' tokens, as one process on the whole batch does (without it, the mean of the rank means,
+    which weighs ranks rather than tokens when their token counts differ). transformers scales its LM losses the
+    same way (`average_tokens_across_devices`). All ranks must call it (an all-reduce of the count).
+
+    Args:
+        num_tokens: Scalar count of this rank's predicted tokens (e.g. `itg_num_predicted_tokens`).
+    """
+    _, world_size = rank_and_world_size()
+    if world_size == 1:
+        return torch.ones((), dtype=torch.float64, device=num_tokens.device)
+    total = num_tokens.detach().to(torch.float64).clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    if not total > 0:
+        raise ValueError("no rank holds a predicted token: the token mean over the ranks is undefined")
+    return world_size * num_tokens.detach().to(torch.float64) / total
+
+
+def itg_num_predicted_tokens(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Number of tokens image-grounded generation predicts in a right-padded `(B, T)` batch: every real token but
+    the first (`itg_inputs_and_labels` keeps the real tokens as labels, and `itg_loss` never predicts position 0)."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, length), got shape {tuple(attention_mask.shape)}")
+    return (attention_mask[:, 1:] != 0).sum()
 
 
 def itg_loss_on_predicted_positions(

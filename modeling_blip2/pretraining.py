@@ -449,6 +449,7 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         return_dict: bool | None = None,
         itm_without_negatives: str = "raise",
         return_itg_logits: bool = True,
+        hard_negative_seed: int | None = None,
         **kwargs: Any,
     ) -> Blip2PretrainingOutput | tuple:
         """Computes the stage-1 losses on a batch of image-text pairs.
@@ -470,6 +471,10 @@ class Blip2ForPretraining(_Blip2Stage1Model):
             return_itg_logits: Return the `(B, T, vocab)` ITG logits. False: the ITG head runs only on the positions
                 that predict a token (not on padding), `itg_logits` is None and `loss_itg` the same; this saves the
                 logits' memory and the head's work on padding. `Blip2Trainer` passes False.
+            hard_negative_seed: Draw the ITM hard negatives with this seed over the whole gathered batch (see
+                `sample_hard_negatives`; the same seed on every rank): the same distribution as the default draw from
+                torch's global generator, but `W` processes of `B` samples draw what one process draws on `W * B`.
+                `Blip2Trainer` passes one per step with `seeded_itm_negatives`.
         """
         if itm_without_negatives not in ITM_WITHOUT_NEGATIVES:
             raise ValueError(
@@ -512,7 +517,7 @@ class Blip2ForPretraining(_Blip2Stage1Model):
             output.loss_itm = sum(parameter.sum() for parameter in self.itm_head.parameters()) * 0.0
         elif "itm" in losses:
             output.itm_logits = self._itm_logits_with_hard_negatives(
-                image_embeds, image, input_ids, attention_mask, image_ids, output, hard_negatives
+                image_embeds, image, input_ids, attention_mask, image_ids, output, hard_negatives, hard_negative_seed
             )
             output.loss_itm = itm_loss(output.itm_logits)
         if "itg" in losses:
@@ -557,6 +562,7 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         image_ids: torch.Tensor | None,
         itc: Blip2PretrainingOutput,
         hard_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+        hard_negative_seed: int | None = None,
     ) -> torch.Tensor:
         """`[positives; (hard negative image, text); (image, hard negative text)]` -> `(3B, 2)` ITM logits.
 
@@ -566,7 +572,7 @@ class Blip2ForPretraining(_Blip2Stage1Model):
         """
         if hard_negatives is None:
             hard_negatives = sample_hard_negatives(
-                itc.similarity_image_to_text, itc.similarity_text_to_image, image_ids
+                itc.similarity_image_to_text, itc.similarity_text_to_image, image_ids, seed=hard_negative_seed
             )
         negative_image, negative_text = hard_negatives
         negative_image = torch.as_tensor(negative_image, dtype=torch.long, device=image_embeds.device)

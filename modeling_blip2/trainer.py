@@ -33,6 +33,7 @@ from .columns import (
 )
 from .end_token import EndTokenFromModel, model_end_token_ids, unwrap_model
 from .feature_cache import FrozenFeatureDataset as FrozenFeatureDataset  # re-exported: the collators read its examples
+from .losses import itg_num_predicted_tokens, token_share_across_ranks
 from .pretraining import Blip2ForPretraining
 from .processing import QFORMER_START_TOKEN, to_rgb_image
 
@@ -89,6 +90,15 @@ class Blip2TrainingArguments(TrainingArguments):
     itc_every: int = field(default=1, metadata={"help": _every_help("itc", "image-text contrastive")})
     itm_every: int = field(default=1, metadata={"help": _every_help("itm", "image-text matching")})
     itg_every: int = field(default=1, metadata={"help": _every_help("itg", "image-grounded generation")})
+    seeded_itm_negatives: bool = field(
+        default=False,
+        metadata={
+            "help": "draw each training step's ITM hard negatives from a generator seeded by (seed, step, "
+            "micro-batch) over the whole gathered batch: the paper's distribution (softmax of the similarities), "
+            "but W processes x B samples draw exactly what 1 process x W*B draws (and not from torch's global "
+            "generator, the default)"
+        },
+    )
     layer_wise_lr_decay: float | None = field(
         default=None,
         metadata={"help": "scale each trainable layer's LR by decay ** (depth from the top); None to disable"},
@@ -209,6 +219,10 @@ class Blip2Trainer(Trainer):
     - Frozen parts: the image encoder is frozen when `args.freeze_vision_encoder` (post-LayerNorm trainable) and
       frozen modules stay in eval mode under `model.train()`.
     - Gradient accumulation: the terms are batch means, so each micro-batch loss is divided by the accumulation steps.
+    - Several processes: ITC and ITM are means over equal local batches with cross-rank negatives; ITG, a mean over
+      the rank's tokens, is weighted by the rank's share of all ranks' tokens (with `average_tokens_across_devices`,
+      transformers' default), and `seeded_itm_negatives` draws the hard negatives independently of the split. With
+      both, W processes x B samples follow the gradients of 1 process x W*B (dropout and augmentation aside).
 
     Stage-2 and fine-tuning models (`Blip2ForConditionalGeneration`) train on their LLM loss, with the same
     optimiser policy; `Blip2CaptionCollator` builds their batches.
@@ -243,6 +257,7 @@ class Blip2Trainer(Trainer):
         self._sample_keyed: _SampleKeyedDataset | None = None
         self._stream: _SampleKeyedStream | None = None
         self._special_tokens: dict[str, Any] | None = None
+        self._hard_negative_draws = (-1, -1)  # (optimiser step, micro-batch index) of the last seeded ITM draw
         self.add_callback(_Blip2TrainingHooks(self))
         if self.args.predict_with_generate and self.compute_metrics is not None:
             end_ids = model_end_token_ids(self.model) if self.model is not None else []
@@ -266,8 +281,17 @@ class Blip2Trainer(Trainer):
         # A global batch without a hard negative (the last batch of an epoch may hold one image) skips ITM rather
         # than stopping the run; every rank agrees, the decision is on the gathered batch.
         # The ITG head runs on the predicted positions only: the loss needs no logits over the padding.
-        outputs = model(**inputs, losses=enabled, itm_without_negatives="skip", return_itg_logits=False)
+        seed = self._hard_negative_seed() if model.training and self.args.seeded_itm_negatives else None
+        outputs = model(
+            **inputs, losses=enabled, itm_without_negatives="skip", return_itg_logits=False, hard_negative_seed=seed
+        )
         terms = {name: getattr(outputs, f"loss_{name}") for name in enabled}
+        if model.training and "itg" in terms and self.args.average_tokens_across_devices:
+            # ITG is a mean over this rank's tokens: weighted by the rank's share of all ranks' tokens, the averaged
+            # gradient is that of the token mean over the global batch, as one process computes it on that batch.
+            mask = inputs.get("attention_mask")
+            tokens = itg_num_predicted_tokens(torch.ones_like(inputs["input_ids"]) if mask is None else mask)
+            weights = {**weights, "itg": weights["itg"] * token_share_across_ranks(tokens).to(terms["itg"].dtype)}
         loss = sum(weights[name] * term for name, term in terms.items())
         sums, counts = (self._loss_sums, self._loss_counts) if model.training else (self._eval_sums, self._eval_counts)
         for name, term in terms.items():
@@ -277,6 +301,14 @@ class Blip2Trainer(Trainer):
         if outputs.temperature is not None:
             _accumulate(sums, counts, "temperature", outputs.temperature)
         return (loss, outputs) if return_outputs else loss
+
+    def _hard_negative_seed(self) -> int:
+        """The ITM hard-negative seed of this micro-batch: a function of (seed, optimiser step, micro-batch index in
+        the step), the same on every rank, so a resumed run draws what the uninterrupted one drew."""
+        step = self.state.global_step
+        micro_batch = self._hard_negative_draws[1] + 1 if self._hard_negative_draws[0] == step else 0
+        self._hard_negative_draws = (step, micro_batch)
+        return random.Random(f"{self.args.seed}:itm:{step}:{micro_batch}").getrandbits(63)
 
     # -- training ---------------------------------------------------------------------------------------------------
     def train(self, *args: Any, **kwargs: Any) -> Any:

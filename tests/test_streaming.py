@@ -175,6 +175,24 @@ class _OneProcess:
     num_processes = 1
 
 
+def test_persistent_stream_workers_read_the_next_pass(tmp_path) -> None:
+    """Two persistent DataLoader workers (3 batches of 2 each per pass) see the pass number change in shared memory:
+    the 8 steps end 2 batches into pass 1, one from each worker."""
+    model, tokenizer = _stage1_parts()
+    stream = _webdataset(tmp_path / "shards", num_images=12, shards=4, buffer=0)
+    args = _args(
+        tmp_path / "run",
+        max_steps=8,
+        per_device_train_batch_size=2,
+        dataloader_num_workers=2,
+        dataloader_persistent_workers=True,
+    )
+    trainer = _stage1_trainer(model, tokenizer, stream, args)
+    trainer.train()
+    assert trainer.state.global_step == 8
+    assert trainer._stream_position().state()["attributes"] == {"epoch": 1, "consumed": [2, 2]}
+
+
 # -- training through Blip2Trainer ----------------------------------------------------------------------------------
 def _stage1_parts():
     tokenizer = tiny_qformer_tokenizer()

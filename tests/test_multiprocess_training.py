@@ -286,6 +286,35 @@ def test_stage1_streamed_shards_two_processes_match_one_process(workspace: Path)
     assert trainer.state.global_step == STEPS
 
 
+# Stage 2 trains its bridge in fp32 (the precision policy): measured, 2 x 3 and 1 x 6 end 3.7e-7 apart after 3 AdamW
+# steps at LR 1e-3; with per-rank token means instead of the global one (--average_tokens_across_devices false) 3e-3.
+STAGE2_TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
+
+
+def test_stage2_two_processes_match_one_process_on_the_doubled_batch(workspace: Path) -> None:
+    """`torchrun --nproc-per-node 2 examples/pretrain_stage2.py` (stage-1 checkpoint + tiny OPT, captions of different
+    lengths): the LM loss is a mean over all processes' tokens (transformers' `average_tokens_across_devices`), so
+    the run ends with the weights of one process at batch 6, within fp32 noise; the frozen LLM is untouched."""
+    stage1, llm = _stage2_parts(workspace)
+    data = ["--dataset", str(workspace / "images")]
+    two, one = workspace / "stage2_two_processes", workspace / "stage2_one_process"
+    _torchrun("pretrain_stage2.py", _stage2_args(data, stage1, llm, two, LOCAL_BATCH))
+    trainer = load_example("pretrain_stage2").main(_stage2_args(data, stage1, llm, one, GLOBAL_BATCH))
+    assert trainer.state.global_step == STEPS
+    _assert_same_weights(two, one, STAGE2_TOLERANCE)
+
+    trained, start = load_file(one / "model.safetensors"), load_file(stage1 / "model.safetensors")
+    bridge = [name for name in trained if name.startswith(("qformer.", "query_tokens")) and name in start]
+    moved = {name: float((trained[name] - start[name]).abs().max()) for name in bridge}
+    assert bridge and max(moved.values()) > 1e-3
+    # Some Q-Former weights get tiny gradients through the random tiny LLM (AdamW moves them by ~lr * g / eps).
+    unmoved = {name: value for name, value in moved.items() if value < 1e-6 and not name.endswith(".key.bias")}
+    assert not unmoved, f"bridge tensors that did not train: {unmoved}"
+    frozen_llm = load_file(llm / "model.safetensors")
+    for name, tensor in frozen_llm.items():
+        assert torch.equal(trained[f"language_model.{name}"], tensor), f"the frozen LLM's {name} moved"
+
+
 # -- DeepSpeed -------------------------------------------------------------------------------------------------------
 DEEPSPEED_ZERO2 = CONFIGS / "deepspeed_zero2_stage2.json"
 
@@ -353,3 +382,31 @@ def test_deepspeed_zero2_config_is_filled_by_the_training_arguments(tmp_path: Pa
         assert config.get_value("train_batch_size") == 8  # world size 1 x 4 x 2
         assert config.get_value("gradient_clipping") == 0.5
         assert (config.get_value("bf16.enabled"), config.get_value("fp16.enabled")) == expected
+
+
+def _stage2_parts(root: Path) -> tuple[Path, Path]:
+    """A float32 stage-1 checkpoint without dropout and a tiny random OPT LLM with its tokenizer (`<image>` added)."""
+    from tiny import TINY_RANDOM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modeling_blip2 import Blip2Config
+
+    stage1 = root / "stage1_float32"
+    if not stage1.exists():
+        _stage1_checkpoint(stage1, torch.float32)
+    llm = root / "llm"
+    if not llm.exists():
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(Blip2Config.from_pretrained(TINY_RANDOM).text_config).save_pretrained(llm)
+        AutoTokenizer.from_pretrained(TINY_RANDOM).save_pretrained(llm)
+    return stage1, llm
+
+
+def _stage2_args(data: list[str], stage1: Path, llm: Path, output_dir: Path, batch: int, *extra: str) -> list[str]:
+    return [
+        *data, "--stage1", str(stage1), "--language_model", str(llm), "--llm_dtype", "float32",
+        "--output_dir", str(output_dir), "--per_device_train_batch_size", str(batch), "--max_steps", str(STEPS),
+        "--learning_rate", "1e-3", "--warmup_steps", "0", "--use_cpu", "--report_to", "none",
+        "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1", "--dataloader_num_workers", "0",
+        *extra,
+    ]  # fmt: skip

@@ -28,7 +28,7 @@ from tiny import (
 )
 from webdataset_shards import sample_captions, write_webdataset_shards
 
-from modeling_blip2 import Blip2Config, Blip2ForPretraining, load_captioner_and_scorer, run_capfilt
+from modeling_blip2 import Blip2Config, Blip2ForPretraining, load_captioner_and_scorer, load_scorer, run_capfilt
 from modeling_blip2.capfilt import (
     Blip2ItgCaptioner,
     ImageTextScorer,
@@ -414,3 +414,24 @@ def test_dual_encoder_scores_are_cosine_similarities(folders: dict[str, Path]) -
     assert features.shape == (1, 16) and torch.allclose(features.norm(dim=-1), torch.ones(1))
     assert torch.allclose(scores, F.cosine_similarity(features, scorer.encode_texts(texts[0])), atol=ATOL)
     assert torch.allclose(scores, _clip_scores(folders["clip"], image, texts[0]), atol=ATOL)
+
+
+def test_siglip_scores_its_texts_padded_to_its_length(tmp_path) -> None:
+    """SigLIP was trained on texts padded to 64 tokens and pools the last position: the scorer pads them so, and its
+    scores are SigLIP's own logits without their scale and bias."""
+    tokenizer = tiny_qformer_tokenizer()
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
+    config = transformers.SiglipConfig(text_config={**text, "vocab_size": len(tokenizer)}, vision_config=UNIMODAL_VIT)
+    model = randomise_(transformers.SiglipModel(config), std=0.1, seed=5).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    tiny_vision_image_processor("siglip").save_pretrained(tmp_path)
+    scorer = load_scorer(tmp_path, device="cpu")
+    assert (scorer.text_padding, scorer.max_text_length) == ("max_length", 64)
+    image, texts = Image.new("RGB", (30, 30), "teal"), ["a photo of a cat", "the blue square", "dog"]
+    tokens = tokenizer(texts, padding="max_length", max_length=64, return_tensors="pt")
+    pixel_values = tiny_vision_image_processor("siglip")([image], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        output = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixel_values)
+        expected = (output.logits_per_image[0] - model.logit_bias) / model.logit_scale.exp()
+    assert torch.allclose(scorer([image], [texts])[0], expected, atol=ATOL)

@@ -435,3 +435,20 @@ def test_siglip_scores_its_texts_padded_to_its_length(tmp_path) -> None:
         output = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixel_values)
         expected = (output.logits_per_image[0] - model.logit_bias) / model.logit_scale.exp()
     assert torch.allclose(scorer([image], [texts])[0], expected, atol=ATOL)
+
+
+def test_unreadable_images_are_skipped_and_counted(folders: dict[str, Path], tmp_path) -> None:
+    good = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(good, format="PNG")
+    with tarfile.open(tmp_path / "web.tar", "w") as archive:
+        for key, payload in (("a", good.getvalue()), ("b", b"not an image"), ("c", good.getvalue())):
+            for name, data in ((f"{key}.png", payload), (f"{key}.txt", f"caption {key}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    captioner, scorer = load_captioner_and_scorer(folders["stage1"], folders["stage1"], device="cpu")
+    report = run_capfilt(tmp_path / "web.tar", captioner, scorer, tmp_path / "out", num_captions=2, progress=False)
+    assert (report.images, report.unreadable_images) == (2, 1)
+    rows = _read_webdataset(tmp_path / "out")
+    assert [row["__key__"] for row in rows] == ["a", "c"] and rows[0]["png"]["bytes"] == good.getvalue()
+    assert [row["json"]["original_caption"] for row in rows] == ["caption a", "caption c"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -249,6 +250,7 @@ class Blip2Trainer(Trainer):
                     "Blip2ForPretraining evaluates its losses (eval_loss, eval_loss_itc/itm/itg): leave it False"
                 )
         super().__init__(model=model, args=args, **kwargs)
+        _check_parallel_setup(self.args, self.is_fsdp_enabled, self.accelerator.distributed_type)
         self._loss_sums: dict[str, Any] = {}
         self._loss_counts: dict[str, int] = {}
         self._eval_sums: dict[str, Any] = {}
@@ -541,6 +543,25 @@ class Blip2Trainer(Trainer):
             optimizer_kwargs.pop("lr", None)  # every group carries its own
             self.optimizer = optimizer_class(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+
+def _check_parallel_setup(args: TrainingArguments, fsdp_enabled: bool, distributed_type: Any) -> None:
+    """Refuses the launches that would silently train otherwise than asked: processes started by torchrun /
+    accelerate launch without a process group (each would train alone on the whole data), and `fsdp` that accelerate
+    did not set up (it shards across GPUs or other accelerators only; CPU processes get DDP instead)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and args.world_size == 1:
+        raise ValueError(
+            f"this process is one of {launched} (WORLD_SIZE={launched}, set by torchrun / accelerate launch), but no "
+            "process group was set up, so every process would train alone on the whole data set: on a machine "
+            "without GPUs pass --use_cpu (use_cpu=True), which joins the processes on the CPU with gloo"
+        )
+    if args.fsdp and not fsdp_enabled:
+        raise ValueError(
+            f"fsdp is set, but accelerate set up {distributed_type} instead of FSDP: it shards only across GPUs or "
+            "other accelerators under torchrun / accelerate launch (CPU processes would run DDP, a single process "
+            "would not shard): run on GPUs, or drop --fsdp"
+        )
 
 
 class _Blip2TrainingHooks(TrainerCallback):

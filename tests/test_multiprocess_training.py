@@ -77,9 +77,9 @@ def _environment() -> dict[str, str]:
     }
 
 
-def _launch(command: list[str]) -> str:
+def _launch(command: list[str], expect_failure: bool = False) -> str:
     """Runs a launcher command line (torchrun, accelerate launch) in a session of its own; fails with its output on
-    a non-zero exit or after `LAUNCH_TIMEOUT_S`. Returns its output."""
+    a non-zero exit (a zero one with `expect_failure`) or after `LAUNCH_TIMEOUT_S`. Returns its output."""
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -95,16 +95,18 @@ def _launch(command: list[str]) -> str:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         raise AssertionError(f"{command[:4]} timed out after {LAUNCH_TIMEOUT_S} s\n{output[-8000:]}") from None
-    assert process.returncode == 0, f"{' '.join(command)}\nexited with {process.returncode}\n{output[-8000:]}"
+    failed = process.returncode != 0
+    assert failed == expect_failure, f"{' '.join(command)}\nexited with {process.returncode}\n{output[-8000:]}"
     return output
 
 
-def _torchrun(script: str, args: list[str]) -> str:
+def _torchrun(script: str, args: list[str], expect_failure: bool = False) -> str:
     """`torchrun --standalone --nproc-per-node 2 examples/<script> ARGS` (run as `python -m torch.distributed.run`
     from this interpreter)."""
     return _launch(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}"]
-        + [str(EXAMPLES / script), *args]
+        + [str(EXAMPLES / script), *args],
+        expect_failure,
     )
 
 
@@ -236,16 +238,12 @@ def test_token_share_is_one_in_a_single_process() -> None:
 
 
 # -- end to end ------------------------------------------------------------------------------------------------------
-def _stage1_two_processes_equal_one(workspace: Path, data: list[str], name: str, *launch_extra: str) -> object:
-    """Stage 1 from `data` under torchrun with 2 processes x 3 samples, then in this process at 6 samples (3 AdamW
-    steps, float64): the same weights. Returns the single-process trainer."""
-    checkpoint = workspace / "stage1_float64"
-    two = workspace / f"{name}_two_processes"
-    _torchrun(
-        "pretrain_stage1.py",
-        _stage1_args(data, checkpoint, two, LOCAL_BATCH, "--seeded_itm_negatives", *launch_extra),
-    )
-    one = workspace / f"{name}_one_process"
+def _stage1_one_process(workspace: Path, data: list[str], name: str) -> Path:
+    """The single-process reference: stage 1 from `data` at batch 6 in this process (3 AdamW steps, float64), with
+    its checks (trained, no dropout); run once per data set and module."""
+    checkpoint, one = workspace / "stage1_float64", workspace / f"{name}_one_process"
+    if (one / "model.safetensors").is_file():
+        return one
     trainer = load_example("pretrain_stage1").main(
         _stage1_args(data, checkpoint, one, GLOBAL_BATCH, "--seeded_itm_negatives")
     )
@@ -256,8 +254,17 @@ def _stage1_two_processes_equal_one(workspace: Path, data: list[str], name: str,
     ]
     assert not dropout, f"dropout draws per-process random numbers; it is on in {dropout}"
     _assert_trained(trainer, checkpoint, one)
-    _assert_same_weights(two, one, FLOAT64_TOLERANCE)
-    return trainer
+    return one
+
+
+def _stage1_two_processes_equal_one(workspace: Path, data: list[str], name: str) -> None:
+    """Stage 1 from `data` under torchrun with 2 processes x 3 samples ends with the weights of 1 process x 6."""
+    two = workspace / f"{name}_two_processes"
+    _torchrun(
+        "pretrain_stage1.py",
+        _stage1_args(data, workspace / "stage1_float64", two, LOCAL_BATCH, "--seeded_itm_negatives"),
+    )
+    _assert_same_weights(two, _stage1_one_process(workspace, data, name), FLOAT64_TOLERANCE)
 
 
 def test_stage1_two_processes_match_one_process_on_the_doubled_batch(workspace: Path) -> None:
@@ -282,8 +289,7 @@ def test_stage1_streamed_shards_two_processes_match_one_process(workspace: Path)
     shards = workspace / "shards"
     write_webdataset_shards(shards, num_images=STEPS * GLOBAL_BATCH, num_shards=2, captions_per_image=2)
     data = ["--dataset", "webdataset", "--data_files", str(shards / "*.tar"), "--streaming"]
-    trainer = _stage1_two_processes_equal_one(workspace, data, "streamed")
-    assert trainer.state.global_step == STEPS
+    _stage1_two_processes_equal_one(workspace, data, "streamed")
 
 
 # Stage 2 trains its bridge in fp32 (the precision policy): measured, 2 x 3 and 1 x 6 end 3.7e-7 apart after 3 AdamW
@@ -291,6 +297,7 @@ def test_stage1_streamed_shards_two_processes_match_one_process(workspace: Path)
 STAGE2_TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
 
 
+@pytest.mark.slow
 def test_stage2_two_processes_match_one_process_on_the_doubled_batch(workspace: Path) -> None:
     """`torchrun --nproc-per-node 2 examples/pretrain_stage2.py` (stage-1 checkpoint + tiny OPT, captions of different
     lengths): the LM loss is a mean over all processes' tokens (transformers' `average_tokens_across_devices`), so
@@ -313,6 +320,54 @@ def test_stage2_two_processes_match_one_process_on_the_doubled_batch(workspace: 
     frozen_llm = load_file(llm / "model.safetensors")
     for name, tensor in frozen_llm.items():
         assert torch.equal(trained[f"language_model.{name}"], tensor), f"the frozen LLM's {name} moved"
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_match_one_process(workspace: Path) -> None:
+    """`accelerate launch --config_file examples/configs/accelerate_2proc.yaml examples/pretrain_stage1.py ...
+    --use_cpu` runs the 2 processes (through torchrun, gloo on the CPU) and ends where one process at batch 6 does.
+    (`accelerate launch --cpu --num_processes 2` starts a single process without MPI: measured, 6 steps per pass of
+    18 samples at batch 3.)"""
+    data = ["--dataset", str(workspace / "images")]
+    two = workspace / "accelerate_two_processes"
+    args = _stage1_args(data, workspace / "stage1_float64", two, LOCAL_BATCH, "--seeded_itm_negatives")
+    config = ["--config_file", str(CONFIGS / "accelerate_2proc.yaml")]
+    _launch([sys.executable, "-m", "accelerate.commands.launch", *config, str(EXAMPLES / "pretrain_stage1.py"), *args])
+    _assert_same_weights(two, _stage1_one_process(workspace, data, "map_style"), FLOAT64_TOLERANCE)
+
+
+# -- launches that would train otherwise than asked -------------------------------------------------------------------
+def _tiny_trainer(output_dir: Path, **arguments: object) -> object:
+    from modeling_blip2 import Blip2Config, Blip2ForPretraining, Blip2Trainer, Blip2TrainingArguments
+
+    model = Blip2ForPretraining(Blip2Config(**stage1_config_dict()))
+    args = Blip2TrainingArguments(output_dir=str(output_dir), report_to="none", **arguments)
+    return Blip2Trainer(model=model, args=args, train_dataset=[{"image": None, "text": ""}])
+
+
+@pytest.mark.slow
+def test_fsdp_on_cpu_processes_is_refused(workspace: Path) -> None:
+    """accelerate applies `fsdp` only across GPUs or other accelerators: on CPU processes it runs DDP (transformers
+    refuses a single process itself). Blip2Trainer says so instead of training unsharded (measured: `torchrun
+    --nproc-per-node 2 examples/pretrain_stage1.py ... --use_cpu --fsdp full_shard` ran DDP before this check)."""
+    data = ["--dataset", str(workspace / "images")]
+    args = _stage1_args(data, workspace / "stage1_float64", workspace / "fsdp_refused", LOCAL_BATCH)
+    fsdp = ["--fsdp", "full_shard", "--fsdp_config", str(CONFIGS / "fsdp_stage1.json")]
+    output = _torchrun("pretrain_stage1.py", [*args, *fsdp], expect_failure=True)
+    assert "instead of FSDP" in output and "run on GPUs" in output
+
+
+def test_launched_processes_without_a_process_group_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun on a machine without GPUs and without --use_cpu, transformers sets up no process group and
+    every process trained alone on the whole data set (measured: both ranks logged epoch 0.17 per step of 3 out of
+    18 samples); Blip2Trainer refuses, naming --use_cpu."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if torch.cuda.is_available():
+        pytest.skip("with GPUs accelerate would set up a process group for WORLD_SIZE=2 (and wait for rank 1)")
+    with pytest.raises(ValueError, match="pass --use_cpu"):
+        _tiny_trainer(tmp_path, use_cpu=False)
 
 
 # -- DeepSpeed -------------------------------------------------------------------------------------------------------

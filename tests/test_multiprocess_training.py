@@ -35,7 +35,8 @@ CONFIGS = EXAMPLES / "configs"
 WORLD_SIZE = 2
 LOCAL_BATCH = 3
 GLOBAL_BATCH = WORLD_SIZE * LOCAL_BATCH
-STEPS = 3
+STEPS_PER_PASS = 3  # 18 samples at 6 per step
+STEPS = STEPS_PER_PASS + 1  # one step into the second pass: a new permutation, or a reshuffled stream
 LAUNCH_TIMEOUT_S = 300
 # float64 stage 1: one process and two differ by summation order (~1e-16 relative); a wrong negative, a token weighted
 # wrongly or a sample seen by the wrong step moves the weights by ~1e-4 and more.
@@ -62,7 +63,9 @@ CAPTIONS = (
     "a red square on the left",
     "red square",
 )
-assert len(CAPTIONS) == STEPS * GLOBAL_BATCH and all(word in QFORMER_WORDS for c in CAPTIONS for word in c.split())
+assert len(CAPTIONS) == STEPS_PER_PASS * GLOBAL_BATCH and all(
+    word in QFORMER_WORDS for c in CAPTIONS for word in c.split()
+)
 
 
 # -- launching -------------------------------------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def _max_difference(first_dir: Path, second_dir: Path) -> float:
 
 
 def _assert_trained(trainer: object, initial_dir: Path, trained_dir: Path) -> None:
-    """Every trainable tensor moved (by AdamW at LR 1e-3 over 3 steps), every frozen one stayed. Attention key
+    """Every trainable tensor moved (by AdamW at LR 1e-3 over 4 steps), every frozen one stayed. Attention key
     biases are the exception: adding the same vector to every key shifts all of a query's scores equally, which the
     softmax ignores, so their gradient is zero."""
     initial, trained = load_file(initial_dir / "model.safetensors"), load_file(trained_dir / "model.safetensors")
@@ -246,7 +249,7 @@ def test_token_share_is_one_in_a_single_process() -> None:
 
 # -- end to end ------------------------------------------------------------------------------------------------------
 def _stage1_one_process(workspace: Path, data: list[str], name: str) -> Path:
-    """The single-process reference: stage 1 from `data` at batch 6 in this process (3 AdamW steps, float64), with
+    """The single-process reference: stage 1 from `data` at batch 6 in this process (4 AdamW steps, float64), with
     its checks (trained, no dropout); run once per data set and module."""
     checkpoint, one = workspace / "stage1_float64", workspace / f"{name}_one_process"
     if (one / "model.safetensors").is_file():
@@ -276,8 +279,8 @@ def _stage1_two_processes_equal_one(workspace: Path, data: list[str], name: str)
 
 def test_stage1_two_processes_match_one_process_on_the_doubled_batch(workspace: Path) -> None:
     """`torchrun --nproc-per-node 2 examples/pretrain_stage1.py` on a map-style image folder (batch 3 per process,
-    3 AdamW steps, float64) ends with the weights of one process at batch 6; drawing the hard negatives from torch's
-    global generator instead does not."""
+    4 AdamW steps, one into a second pass; float64) ends with the weights of one process at batch 6; drawing the
+    hard negatives from torch's global generator instead does not."""
     data = ["--dataset", str(workspace / "images")]
     _stage1_two_processes_equal_one(workspace, data, "map_style")
 
@@ -294,7 +297,7 @@ def test_stage1_streamed_shards_two_processes_match_one_process(workspace: Path)
     from webdataset_shards import write_webdataset_shards
 
     shards = workspace / "shards"
-    write_webdataset_shards(shards, num_images=STEPS * GLOBAL_BATCH, num_shards=2, captions_per_image=2)
+    write_webdataset_shards(shards, num_images=STEPS_PER_PASS * GLOBAL_BATCH, num_shards=2, captions_per_image=2)
     data = ["--dataset", "webdataset", "--data_files", str(shards / "*.tar"), "--streaming"]
     _stage1_two_processes_equal_one(workspace, data, "streamed")
 

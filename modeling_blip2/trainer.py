@@ -92,12 +92,12 @@ class Blip2TrainingArguments(TrainingArguments):
     itm_every: int = field(default=1, metadata={"help": _every_help("itm", "image-text matching")})
     itg_every: int = field(default=1, metadata={"help": _every_help("itg", "image-grounded generation")})
     seeded_itm_negatives: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "draw each training step's ITM hard negatives from a generator seeded by (seed, step, "
             "micro-batch) over the whole gathered batch: the paper's distribution (softmax of the similarities), "
-            "but W processes x B samples draw exactly what 1 process x W*B draws (and not from torch's global "
-            "generator, the default)"
+            "but W processes x B samples draw exactly what 1 process x W*B draws, and a resumed run draws what the "
+            "uninterrupted one did. --no_seeded_itm_negatives draws from torch's global generator, as LAVIS does"
         },
     )
     layer_wise_lr_decay: float | None = field(

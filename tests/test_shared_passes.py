@@ -217,12 +217,14 @@ def test_output_positions_computes_the_same_leading_outputs(attention_type: str)
         kept = states[:, : output_positions or NUM_QUERY_TOKENS + 2]
         assert states.shape[1] == (output_positions or NUM_QUERY_TOKENS + ids.shape[1])
         kept.pow(2).sum().backward()
-        runs.append((kept.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+        runs.append(
+            (kept.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        )
     (full, full_gradients), *others = runs
-    for kept, gradients in others:
+    for kept, _ in others:
         assert torch.allclose(kept, full[:, : kept.shape[1]], **TOLERANCE)
     # the same gradients where the same outputs are used
-    last_states, last_gradients = others[-1]
+    _, last_gradients = others[-1]
     for name, gradient in full_gradients.items():
         assert torch.allclose(last_gradients[name], gradient, **TOLERANCE), name
     text_only = model.text_outputs(ids, mask, output_positions=1).last_hidden_state

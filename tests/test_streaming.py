@@ -24,7 +24,7 @@ from modeling_blip2 import (
     blip2_image_processor,
 )
 from modeling_blip2.columns import SAMPLE_KEY, caption_values, image_id_value, stable_string_id
-from modeling_blip2.trainer import StreamPosition, _SampleKeyedStream
+from modeling_blip2.streaming import StreamPosition, _SampleKeyedStream
 
 NUM_IMAGES = 10
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from test_trainer import COLORS, _SequentialTrainer, _StopAfter
 from tiny import stage1_config_dict, tiny_qformer_tokenizer
-from torch.utils.data import SequentialSampler
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import HfArgumentParser
 
 from modeling_blip2 import (
     Blip2Config,
@@ -21,23 +21,6 @@ from modeling_blip2 import (
     Blip2TrainingArguments,
     blip2_image_processor,
 )
-
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-
-
-class _SequentialTrainer(Blip2Trainer):
-    def _get_train_sampler(self, *args, **kwargs) -> SequentialSampler:
-        return SequentialSampler(self.train_dataset)
-
-
-class _StopAfter(TrainerCallback):
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.steps:
-            control.should_training_stop = True
-        return control
 
 
 class _Spy:

@@ -10,8 +10,8 @@ import datasets
 import pytest
 import torch
 from PIL import Image
+from test_trainer import _StopAfter
 from tiny import load_example, stage1_config_dict, tiny_checkpoint_parts, tiny_qformer_tokenizer
-from transformers import TrainerCallback
 from webdataset_shards import sample_captions, sample_key, write_webdataset_shards
 
 from modeling_blip2 import (
@@ -27,18 +27,6 @@ from modeling_blip2.columns import SAMPLE_KEY, caption_values, image_id_value, s
 from modeling_blip2.streaming import StreamPosition, _SampleKeyedStream
 
 NUM_IMAGES = 10
-
-
-class _StopAfter(TrainerCallback):
-    """Interrupts a run after `steps` optimizer steps (as a crash would, after its checkpoint)."""
-
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.steps:
-            control.should_training_stop = True
-        return control
 
 
 def _webdataset(folder: Path, num_images: int = NUM_IMAGES, shards: int = 3, captions: int = 3, buffer: int = 4):

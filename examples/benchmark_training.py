@@ -303,16 +303,21 @@ def build_tokenizer(vocab_size: int | None = None) -> BertTokenizerFast:
     return with_qformer_start_token(BertTokenizerFast(vocab={word: index for index, word in enumerate(vocab)}))
 
 
+def vision_config_dict(size: ModelSize) -> dict[str, int]:
+    """The EVA-style vision encoder of `size`, as a `Blip2VisionConfig` dict."""
+    return {
+        "hidden_size": size.vision_hidden,
+        "num_hidden_layers": size.vision_layers,
+        "num_attention_heads": size.vision_heads,
+        "intermediate_size": size.vision_intermediate,
+        "image_size": size.image_size,
+        "patch_size": size.patch_size,
+    }
+
+
 def build_config(size: ModelSize, tokenizer: BertTokenizerFast) -> Blip2Config:
     return Blip2Config(
-        vision_config={
-            "hidden_size": size.vision_hidden,
-            "num_hidden_layers": size.vision_layers,
-            "num_attention_heads": size.vision_heads,
-            "intermediate_size": size.vision_intermediate,
-            "image_size": size.image_size,
-            "patch_size": size.patch_size,
-        },
+        vision_config=vision_config_dict(size),
         qformer_config={
             "hidden_size": size.qformer_hidden,
             "num_hidden_layers": size.qformer_layers,
@@ -996,12 +1001,7 @@ def comparison_config(comparison: Comparison, tokenizer: BertTokenizerFast) -> B
     size = comparison.size
     return Blip2Config(
         vision_config={
-            "hidden_size": size.vision_hidden,
-            "num_hidden_layers": size.vision_layers,
-            "num_attention_heads": size.vision_heads,
-            "intermediate_size": size.vision_intermediate,
-            "image_size": size.image_size,
-            "patch_size": size.patch_size,
+            **vision_config_dict(size),
             "layer_norm_eps": 1e-6,  # create_eva_vit_g's blocks
             "post_layernorm_eps": 1e-5,  # LAVIS's ln_vision (nn.LayerNorm's default)
         },
